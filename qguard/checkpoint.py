@@ -1,0 +1,282 @@
+"""Find, read and validate Qwen3Guard checkpoints: config.json + safetensors, local or from the hub.
+
+No `trust_remote_code`, ever: `auto_map` in a config is ignored and the architecture is recognised from
+`architectures` and the guard fields. Pickle weights (`*.bin`) are refused; they can execute code.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qguard.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Buffers some exporters write that carry no weights.
+IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class Kind(str, enum.Enum):
+    GEN = "gen"
+    STREAM = "stream"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    kind: Kind
+    name: str  # what the user asked for (hub id or path), for verdict provenance
+
+    def tensor_files(self) -> list[Path]:
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [str(f.name) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{self.path}: shards listed in {INDEX} are missing: {missing}")
+            return files
+        if (self.path / SINGLE).is_file():
+            return [self.path / SINGLE]
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            return shards
+        if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")):
+            raise CheckpointError(
+                f"{self.path}: only pickle weights (*.bin/*.pt) found; qguard loads safetensors only, because "
+                "pickle files can run code. Convert them with safetensors first."
+            )
+        raise CheckpointError(f"{self.path}: no weights found (expected {SINGLE} or {INDEX} with shards)")
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (or taken from the local HF cache)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; pass the checkpoint directory that holds config.json")
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"checkpoint {name!r} not found: no such directory, and not a hub id like 'Qwen/Qwen3Guard-Stream-0.6B'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(
+            name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"],
+        ))
+    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+        raise CheckpointError(
+            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Download it on a connected machine and pass the local directory."
+        ) from None
+
+
+def detect_kind(config: dict[str, Any], where: str = "config.json") -> Kind:
+    archs = config.get("architectures") or []
+    if "Qwen3ForGuardModel" in archs or "guard_inner_size" in config:
+        return Kind.STREAM
+    if "Qwen3ForCausalLM" in archs:
+        return Kind.GEN
+    mt = config.get("model_type")
+    raise CheckpointError(
+        f"{where}: unsupported architecture {archs or mt!r}; qguard loads Qwen3Guard-Gen "
+        "(Qwen3ForCausalLM) and Qwen3Guard-Stream (Qwen3ForGuardModel) checkpoints"
+    )
+
+
+def open_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
+    path = resolve(name_or_path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: config.json is missing; is this a model checkpoint directory?")
+    try:
+        config = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{cfg_file}: not UTF-8 text") from None
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object")
+    return Checkpoint(path=path, config=config, kind=detect_kind(config, str(cfg_file)), name=str(name_or_path))
+
+
+def load_weights(module: nn.Module, ckpt: Checkpoint, rename=lambda n: n, tied: dict[str, str] | None = None) -> None:
+    """Copy every tensor of `ckpt` into `module`, strictly.
+
+    `rename` maps official names to module names; `tied` maps a module parameter to the one it may share
+    when the checkpoint omits it (tie_word_embeddings). Missing, unexpected or mis-shaped tensors raise one
+    CheckpointError that lists all of them.
+    """
+    params = dict(module.state_dict())
+    tied = tied or {}
+    seen: set[str] = set()
+    unexpected, mismatched = [], []
+    for f in ckpt.tensor_files():
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for official in st.keys():
+                    if official.endswith(IGNORED_TENSOR_SUFFIXES):
+                        continue
+                    name = rename(official)
+                    if name not in params:
+                        unexpected.append(official)
+                        continue
+                    t = st.get_tensor(official)
+                    if tuple(t.shape) != tuple(params[name].shape):
+                        mismatched.append(f"{official}: checkpoint {tuple(t.shape)} vs model {tuple(params[name].shape)}")
+                        continue
+                    with torch.no_grad():
+                        params[name].copy_(t)
+                    seen.add(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+    missing = []
+    for name in params:
+        if name in seen:
+            continue
+        if name in tied and tied[name] in seen:
+            continue
+        missing.append(name)
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {missing}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {unexpected}")
+        if mismatched:
+            parts.append(f"shape mismatches: {mismatched}")
+        raise CheckpointError(f"{ckpt.path}: checkpoint does not match the model config; " + "; ".join(parts))
+
+
+def save_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None = None) -> None:
+    """Write tensors (official names) as one model.safetensors, or as shards plus an index."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if max_shard_bytes is None:
+        save_file(tensors, str(out / SINGLE), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are slow and inexact there), bf16 on accelerators."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------- model builders
+
+@dataclass(frozen=True)
+class StreamLabels:
+    """Class index -> taxonomy, read from the checkpoint's config (string-keyed maps)."""
+
+    risk: tuple  # tuple[Severity, ...] for the response risk head
+    category: tuple  # tuple[Category, ...] for the response category head
+    query_risk: tuple
+    query_category: tuple
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> StreamLabels:
+        from qguard.policy import (
+            SEVERITIES,
+            STREAM_CATEGORY_ORDER,
+            label_map,
+            parse_category,
+            parse_severity,
+        )
+
+        labels = cls(
+            risk=label_map(cfg.get("response_risk_level_map"), parse_severity, SEVERITIES, "response_risk_level_map"),
+            category=label_map(cfg.get("response_category_map"), parse_category, STREAM_CATEGORY_ORDER[:8], "response_category_map"),
+            query_risk=label_map(cfg.get("query_risk_level_map"), parse_severity, SEVERITIES, "query_risk_level_map"),
+            query_category=label_map(cfg.get("query_category_map"), parse_category, STREAM_CATEGORY_ORDER, "query_category_map"),
+        )
+        for name, got, key in [("response_risk_level_map", labels.risk, "num_risk_level"),
+                               ("response_category_map", labels.category, "num_category"),
+                               ("query_risk_level_map", labels.query_risk, "num_query_risk_level"),
+                               ("query_category_map", labels.query_category, "num_query_category")]:
+            want = cfg.get(key, len(got))
+            if len(got) != want:
+                raise CheckpointError(f"config.json: {name} has {len(got)} labels but {key} is {want}")
+        return labels
+
+
+def build_stream_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
+    from qguard.model.qwen3 import Qwen3Config
+    from qguard.model.stream import StreamGuardModel, StreamHeadConfig
+
+    if ckpt.kind is not Kind.STREAM:
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind.value} checkpoint, not a Stream one")
+    c = ckpt.config
+    if "guard_inner_size" not in c:
+        raise CheckpointError(f"{ckpt.path}/config.json: guard_inner_size is missing")
+    cfg = Qwen3Config.from_dict(c)
+    labels = StreamLabels.from_config(c)
+    heads = StreamHeadConfig(
+        guard_inner_size=int(c["guard_inner_size"]), num_risk_level=len(labels.risk), num_category=len(labels.category),
+        num_query_risk_level=len(labels.query_risk), num_query_category=len(labels.query_category),
+    )
+    with torch.device("meta"):
+        model = StreamGuardModel(cfg, heads)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.model.rotary_emb.reset()  # not in the checkpoint; recompute after to_empty
+    load_weights(model, ckpt, rename=StreamGuardModel.official_to_local)
+    return model.to(device).eval(), labels
+
+
+def build_gen_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
+    from qguard.model.gen import GenGuardModel
+    from qguard.model.qwen3 import Qwen3Config
+
+    if ckpt.kind is not Kind.GEN:
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind.value} checkpoint, not a Gen one")
+    cfg = Qwen3Config.from_dict(ckpt.config)
+    with torch.device("meta"):
+        model = GenGuardModel(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty breaks the tie; restore it before loading
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.reset()
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else None
+    load_weights(model, ckpt, tied=tied)
+    return model.to(device).eval()

@@ -1,0 +1,202 @@
+"""The Guard facade: one API over Gen and Stream checkpoints.
+
+    guard = Guard.from_pretrained("Qwen/Qwen3Guard-Stream-0.6B")   # or a local directory
+    guard.classify_prompt("How can I make a bomb?")
+    guard.classify_response("How can I make a bomb?", "Here is how...")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qguard.checkpoint import Kind, build_gen_model, build_stream_model, default_dtype, open_checkpoint, pick_device
+from qguard.engine.scoring import TokenScores, argmax_label, probs_dict, score_sequences, severity_probs
+from qguard.errors import InputError
+from qguard.policy import DebounceRule, Mode, Policy, Severity, Verdict, debounce
+from qguard.tokenizer import Message, StreamLayout, check_messages, load_tokenizer, stream_layout
+
+Conversation = str | Sequence[Message]
+
+
+def as_prompt_messages(prompt: Conversation) -> list[Message]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("empty prompt: nothing to moderate")
+        return [{"role": "user", "content": prompt}]
+    msgs = check_messages(prompt)
+    if msgs[-1]["role"] != "user":
+        raise InputError("prompt moderation needs the last message to be from the user")
+    return msgs
+
+
+def as_response_messages(prompt: Conversation, response: str | None) -> list[Message]:
+    if response is None:
+        if isinstance(prompt, str):
+            raise InputError("classify_response needs a response (or a message list ending with the assistant)")
+        msgs = check_messages(prompt)
+        if msgs[-1]["role"] != "assistant":
+            raise InputError("response moderation needs the last message to be from the assistant")
+        return msgs
+    if not isinstance(response, str):
+        raise InputError(f"response must be text, got {type(response).__name__}")
+    if not response.strip():
+        raise InputError("empty response: nothing to moderate")
+    msgs = as_prompt_messages(prompt) if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
+    return [*msgs, {"role": "assistant", "content": response}]
+
+
+@dataclass
+class TokenVerdict:
+    """One answer token of a stream trace."""
+
+    index: int  # position in the answer
+    token_id: int
+    text: str
+    probs: dict[str, float]
+    category_probs: dict[str, float]
+    label: Severity
+    category: str
+
+
+@dataclass
+class StreamTrace:
+    prompt: Verdict
+    tokens: list[TokenVerdict] = field(default_factory=list)
+    response: Verdict | None = None
+
+
+class Guard:
+    """Moderate prompts and responses with a Qwen3Guard-Gen or -Stream checkpoint."""
+
+    def __init__(self, kind: Kind, name: str, tokenizer, policy: Policy, model, labels=None,
+                 debounce_rule: DebounceRule = DebounceRule.EVAL, max_new_tokens: int = 32):
+        self.kind, self.name, self.tokenizer, self.policy = kind, name, tokenizer, policy
+        self.model, self.labels, self.debounce_rule = model, labels, DebounceRule(debounce_rule)
+        self.device = next(model.parameters()).device
+        self.max_len = model.config.max_position_embeddings
+        if kind is Kind.GEN:
+            from qguard.engine.gen import GenEngine
+
+            self.gen = GenEngine(model, tokenizer, max_new_tokens=max_new_tokens)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, mode: Mode | str = Mode.STRICT,
+                        policy: Policy | None = None, debounce: DebounceRule | str = DebounceRule.EVAL,
+                        max_new_tokens: int = 32) -> Guard:
+        """Load a checkpoint by local path or hub id. dtype defaults to fp32 on CPU, bf16 on GPU."""
+        ckpt = open_checkpoint(name_or_path)
+        dev = pick_device(device)
+        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(dev)
+        policy = policy or Policy(mode=Mode(mode))
+        tokenizer = load_tokenizer(ckpt.path)
+        if ckpt.kind is Kind.STREAM:
+            model, labels = build_stream_model(ckpt, dev, dt)
+            return cls(Kind.STREAM, ckpt.name, tokenizer, policy, model, labels, debounce)
+        return cls(Kind.GEN, ckpt.name, tokenizer, policy, build_gen_model(ckpt, dev, dt), None, debounce,
+                   max_new_tokens)
+
+    # ------------------------------------------------------------------------------------ public API
+
+    def classify_prompt(self, prompt: Conversation) -> Verdict:
+        return self.classify_prompts([prompt])[0]
+
+    def classify_response(self, prompt: Conversation, response: str | None = None) -> Verdict:
+        return self.classify_responses([(prompt, response)])[0]
+
+    def classify_prompts(self, prompts: Sequence[Conversation]) -> list[Verdict]:
+        convs = [as_prompt_messages(p) for p in prompts]
+        return self._classify(convs)
+
+    def classify_responses(self, pairs: Sequence[tuple[Conversation, str | None] | Sequence[Message]]) -> list[Verdict]:
+        convs = []
+        for p in pairs:
+            if isinstance(p, tuple) and len(p) == 2 and (p[1] is None or isinstance(p[1], str)):
+                convs.append(as_response_messages(*p))
+            else:
+                convs.append(as_response_messages(p, None))
+        return self._classify(convs)
+
+    def classify_messages(self, messages: Sequence[Message]) -> Verdict:
+        """Moderate the last message of a chat: the prompt if it is the user's, else the response."""
+        msgs = check_messages(messages)
+        return self._classify([msgs])[0]
+
+    # -------------------------------------------------------------------------------------- internals
+
+    def _classify(self, convs: list[list[Message]]) -> list[Verdict]:
+        if self.kind is Kind.GEN:
+            return [self._gen_verdict(r) for r in self.gen.classify(convs)]
+        layouts = [self._layout(c) for c in convs]
+        seqs = [lay.ids[: lay.user_end + 1] if c[-1]["role"] == "user" else lay.ids for lay, c in zip(layouts, convs)]
+        scores = score_sequences(self.model, seqs)
+        return [self._stream_verdict(c, lay, s) for c, lay, s in zip(convs, layouts, scores)]
+
+    def _layout(self, messages: list[Message]) -> StreamLayout:
+        lay = stream_layout(self.tokenizer, messages)
+        if len(lay.ids) > self.max_len:
+            raise InputError(
+                f"conversation is {len(lay.ids)} tokens, longer than the model's context of {self.max_len}; "
+                "shorten it (qguard does not silently truncate)"
+            )
+        return lay
+
+    def _gen_verdict(self, r) -> Verdict:
+        if r.answer is None:
+            return self.policy.error_verdict(r.error, raw_output=r.text, probs=r.severity_probs, n_tokens=r.n_tokens)
+        return self.policy.verdict(
+            r.answer.severity, r.answer.categories, refusal=r.answer.refusal, probs=r.severity_probs,
+            category_probs=r.category_probs, refusal_prob=r.refusal_prob, n_tokens=r.n_tokens,
+        )
+
+    def _prompt_verdict(self, lay: StreamLayout, s: TokenScores) -> Verdict:
+        L = self.labels
+        p = s.query_risk[lay.user_end]
+        label = argmax_label(p, L.query_risk)
+        cp = s.query_category[lay.user_end]
+        cats = (argmax_label(cp, L.query_category),) if label is not Severity.SAFE else ()
+        return self.policy.verdict(label, cats, probs=severity_probs(p, L.query_risk),
+                                   category_probs=probs_dict(cp, L.query_category), n_tokens=lay.user_end + 1)
+
+    def _stream_verdict(self, messages: list[Message], lay: StreamLayout, s: TokenScores) -> Verdict:
+        if messages[-1]["role"] == "user":
+            return self._prompt_verdict(lay, s)
+        L = self.labels
+        a, b = lay.answer_start, lay.answer_end
+        if b <= a:
+            raise InputError("the response has no tokens to moderate")
+        labels = [L.risk[i] for i in s.risk[a:b].argmax(-1).tolist()]
+        label, pos = debounce(labels, self.debounce_rule)
+        # probabilities at the deciding token; for a Safe answer, at its riskiest token
+        at = a + pos if pos is not None else a + int((1 - s.risk[a:b, _safe_index(L.risk)]).argmax())
+        cats = (argmax_label(s.category[at], L.category),) if label is not Severity.SAFE else ()
+        return self.policy.verdict(label, cats, probs=severity_probs(s.risk[at], L.risk),
+                                   category_probs=probs_dict(s.category[at], L.category),
+                                   unsafe_position=pos, n_tokens=len(lay.ids))
+
+    def stream_trace(self, prompt: Conversation, response: str | None = None) -> StreamTrace:
+        """Per-token verdicts over a finished response (Stream checkpoints only)."""
+        if self.kind is not Kind.STREAM:
+            raise InputError("stream-trace needs a Qwen3Guard-Stream checkpoint; this is a Gen model")
+        msgs = as_response_messages(prompt, response)
+        lay = self._layout(msgs)
+        s = score_sequences(self.model, [lay.ids])[0]
+        L = self.labels
+        trace = StreamTrace(prompt=self._prompt_verdict(lay, s))
+        for j, i in enumerate(range(lay.answer_start, lay.answer_end)):
+            label = argmax_label(s.risk[i], L.risk)
+            trace.tokens.append(TokenVerdict(
+                index=j, token_id=lay.ids[i], text=self.tokenizer.decode([lay.ids[i]]),
+                probs=severity_probs(s.risk[i], L.risk), category_probs=probs_dict(s.category[i], L.category),
+                label=label, category=argmax_label(s.category[i], L.category).value,
+            ))
+        trace.response = self._stream_verdict(msgs, lay, s)
+        return trace
+
+
+def _safe_index(names: Sequence[Severity]) -> int:
+    return list(names).index(Severity.SAFE)
