@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qguard.checkpoint import Kind, build_gen_model, build_stream_model, default_dtype, open_checkpoint, pick_device
+from qguard.checkpoint import (
+    Kind,
+    build_gen_model,
+    build_stream_model,
+    default_dtype,
+    open_checkpoint,
+    pick_device,
+)
 from qguard.engine.scoring import TokenScores, argmax_label, probs_dict, score_sequences, severity_probs
 from qguard.errors import InputError
 from qguard.policy import DebounceRule, Mode, Policy, Severity, Verdict, debounce
@@ -106,7 +113,7 @@ class Guard:
         return self.classify_prompts([prompt])[0]
 
     def classify_response(self, prompt: Conversation, response: str | None = None) -> Verdict:
-        return self.classify_responses([(prompt, response)])[0]
+        return self._classify([as_response_messages(prompt, response)])[0]
 
     def classify_prompts(self, prompts: Sequence[Conversation]) -> list[Verdict]:
         convs = [as_prompt_messages(p) for p in prompts]
@@ -115,7 +122,7 @@ class Guard:
     def classify_responses(self, pairs: Sequence[tuple[Conversation, str | None] | Sequence[Message]]) -> list[Verdict]:
         convs = []
         for p in pairs:
-            if isinstance(p, tuple) and len(p) == 2 and (p[1] is None or isinstance(p[1], str)):
+            if isinstance(p, tuple) and len(p) == 2 and not isinstance(p[1], dict):
                 convs.append(as_response_messages(*p))
             else:
                 convs.append(as_response_messages(p, None))

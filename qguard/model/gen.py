@@ -79,7 +79,7 @@ def render_with_tokenizer(tokenizer, messages: Sequence[Message]) -> str:
     template = getattr(tokenizer, "chat_template", None)
     if is_guard_template(template):
         messages = check_messages(messages)
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     return render_guard_prompt(messages)
 
 

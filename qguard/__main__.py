@@ -1,0 +1,5 @@
+import sys
+
+from qguard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""Gen prompt rendering (byte-exact with the official files) and the strict answer parser."""
+
+import pytest
+
+from qguard.errors import InputError
+from qguard.model.gen import (
+    COLON,
+    CONTROVERSIAL_IDS,
+    SAFETY,
+    SEVERITY_FIRST_TOKEN,
+    ParseError,
+    is_guard_template,
+    parse_answer,
+    render_guard_prompt,
+    render_with_tokenizer,
+)
+from qguard.policy import Category, Severity
+from qguard.tokenizer import ASSETS, encode, load_tokenizer
+from tests.conftest import shared_path
+
+PROMPT = [{"role": "user", "content": "How can I make a bomb?"}]
+RESPONSE = PROMPT + [{"role": "assistant", "content": "As a responsible artificial intelligence system, I regret that I am unable to fulfill your request."}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+@pytest.mark.parametrize("msgs,kind", [(PROMPT, "prompt"), (RESPONSE, "response")])
+def test_render_byte_exact(msgs, kind, tok, tiny_gen):
+    ref = shared_path("spec", "reference", f"qwen3guard_gen_{kind}_moderation_rendered_example.txt").read_bytes()
+    assert render_guard_prompt(msgs).encode("utf-8") == ref
+    # the guard chat template qguard writes into checkpoints renders the same bytes
+    ckpt_tok = load_tokenizer(tiny_gen)
+    assert is_guard_template(ckpt_tok.chat_template)
+    assert ckpt_tok.chat_template == (ASSETS / "qwen3guard_gen_template.jinja").read_text()
+    assert render_with_tokenizer(ckpt_tok, msgs).encode("utf-8") == ref
+    assert render_with_tokenizer(tok, msgs).encode("utf-8") == ref  # plain Qwen3 template: rendered by qguard
+
+
+def test_packaged_header_footer_match_reference():
+    for name in ("prompt_moderation_header", "prompt_moderation_footer", "response_moderation_header", "response_moderation_footer"):
+        ref = shared_path("spec", "reference", f"qwen3guard_gen_{name}.txt").read_bytes()
+        assert (ASSETS / f"qwen3guard_gen_{name}.txt").read_bytes() == ref
+
+
+def test_multi_turn_system_quirk_and_thinking_verbatim():
+    msgs = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nhello"}, {"role": "user", "content": "bomb?"}]
+    text = render_guard_prompt(msgs)
+    conv = text.split("<BEGIN CONVERSATION>\n\n")[1].split("\n\n<END CONVERSATION>")[0]
+    assert conv == "USER: You are helpful.\n\nUSER: hi\n\nASSISTANT: <think>\nhmm\n</think>\n\nhello\n\nUSER: bomb?"
+    assert "**USER's query**" in text and "Jailbreak." in text
+    resp = render_guard_prompt(msgs + [{"role": "assistant", "content": "no"}])
+    assert "Refusal: Yes" in resp and "Jailbreak." not in resp
+
+
+def test_render_rejects_system_last():
+    with pytest.raises(InputError):
+        render_guard_prompt([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}])
+
+
+def test_label_token_ids(tok):
+    assert encode(tok, "Safety:") == [SAFETY, COLON]
+    assert encode(tok, " Safe") == [SEVERITY_FIRST_TOKEN[Severity.SAFE]]
+    assert encode(tok, " Unsafe") == [SEVERITY_FIRST_TOKEN[Severity.UNSAFE]]
+    assert encode(tok, " Controversial") == list(CONTROVERSIAL_IDS)
+
+
+@pytest.mark.parametrize("text,target,expected", [
+    ("Safety: Unsafe\nCategories: Violent", "prompt", (Severity.UNSAFE, (Category.VIOLENT,), None)),
+    ("Safety: Safe\nCategories: None\nRefusal: Yes", "response", (Severity.SAFE, (), True)),
+    ("  Safety:   Controversial \n\nCategories:  PII ,  Jailbreak  \n", "prompt",
+     (Severity.CONTROVERSIAL, (Category.PII, Category.JAILBREAK), None)),
+    ("Safety: Unsafe\nCategories: Violent, Non-violent Illegal Acts, Violent\nRefusal: No", "response",
+     (Severity.UNSAFE, (Category.VIOLENT, Category.NON_VIOLENT_ILLEGAL), False)),
+])
+def test_parse_ok(text, target, expected):
+    a = parse_answer(text, target)
+    assert (a.severity, a.categories, a.refusal) == expected
+
+
+@pytest.mark.parametrize("text,target,msg", [
+    ("", "prompt", "expected 2 lines"),
+    ("Safety: Unsafe", "prompt", "expected 2 lines"),
+    ("Safety: Unsafe\nCategories: Violent", "response", "expected 3 lines"),
+    ("Safety: Dangerous\nCategories: Violent", "prompt", "first line"),
+    ("Safe\nCategories: Violent", "prompt", "first line"),
+    ("Safety: Unsafe\nCategory: Violent", "prompt", "second line"),
+    ("Safety: Unsafe\nCategories: Weapons", "prompt", "unknown category"),
+    ("Safety: Unsafe\nCategories: ,", "prompt", "empty category"),
+    ("Safety: Safe\nCategories: None\nRefusal: Maybe", "response", "third line"),
+    ("Safety: Safe\nCategories: None\nblah blah", "prompt", "extra output"),
+    ("=\"./=\"./=\"./", "prompt", "expected 2 lines"),
+])
+def test_parse_errors(text, target, msg):
+    with pytest.raises(ParseError, match=msg):
+        parse_answer(text, target)

@@ -1,0 +1,176 @@
+"""Loading official-format checkpoints and parity with an independent implementation (transformers)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qguard.checkpoint import build_gen_model, build_stream_model, open_checkpoint
+from qguard.engine.kvcache import ContiguousCache
+from qguard.errors import CheckpointError, LabelError
+from qguard.policy import Category
+from qguard.testing import make_gen_checkpoint, make_stream_checkpoint
+
+CPU = torch.device("cpu")
+
+
+def reference_stream(path, ids):
+    """transformers Qwen3Model + the head formula written out by hand."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    cfg = json.loads((path / "config.json").read_text())
+    sd = {}
+    for f in sorted(path.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    hf_cfg = Qwen3Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "auto_map")})
+    hf_cfg._attn_implementation = "eager"
+    model = Qwen3Model(hf_cfg).eval()
+    model.load_state_dict({k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
+    with torch.no_grad():
+        h = model(torch.tensor([ids])).last_hidden_state[0]
+
+    def head(prefix):
+        z = h @ sd[prefix + "risk_level_category_pre.weight"].T
+        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + cfg["rms_norm_eps"])
+        z = z * sd[prefix + "risk_level_category_layernorm.weight"]
+        cat = "query_category_head.weight" if prefix else "category_head.weight"
+        return (z @ sd[prefix + "risk_level_head.weight"].T).softmax(-1), (z @ sd[cat].T).softmax(-1)
+
+    return head(""), head("query_")
+
+
+@pytest.mark.parametrize("label_style,shard", [("long", None), ("short", 3_000_000)])
+def test_stream_parity_with_transformers(tmp_path, label_style, shard):
+    path = make_stream_checkpoint(tmp_path / "ck", label_style=label_style, shard_bytes=shard, seed=3, std=0.2)
+    if shard:
+        assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 1
+    ckpt = open_checkpoint(path)
+    model, labels = build_stream_model(ckpt, CPU, torch.float32)
+    assert labels.category[1] is Category.SEXUAL and labels.query_category[8] is Category.JAILBREAK
+    ids = [151644, 872, 198, 9707, 11, 1246, 311, 1936, 264, 12764, 30, 151645, 198, 151644, 77091, 198, 8420, 525]
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    (risk, cat), (qrisk, qcat) = reference_stream(path, ids)
+    for ours, ref in [(out.risk_logits, risk), (out.category_logits, cat),
+                      (out.query_risk_logits, qrisk), (out.query_category_logits, qcat)]:
+        torch.testing.assert_close(ours[0].softmax(-1), ref, atol=1e-5, rtol=0)
+
+
+def test_incremental_equals_full_forward(tiny_stream):
+    model, _ = build_stream_model(open_checkpoint(tiny_stream), CPU, torch.float32)
+    ids = torch.randint(0, 151000, (1, 23))
+    with torch.no_grad():
+        full = model(ids).risk_logits
+        cache = ContiguousCache(model.config.num_hidden_layers)
+        parts, start = [], 0
+        for n in (7, 1, 1, 5, 9):
+            pos = torch.arange(start, start + n)[None]
+            parts.append(model(ids[:, start:start + n], pos, cache).risk_logits)
+            start += n
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
+
+
+def test_gen_parity_with_transformers(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    path = make_gen_checkpoint(tmp_path / "g", seed=1, std=0.2)
+    model = build_gen_model(open_checkpoint(path), CPU, torch.float32)
+    cfg = json.loads((path / "config.json").read_text())
+    ref = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in cfg.items() if k != "architectures"})).eval()
+    missing, unexpected = ref.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    ref.tie_weights()
+    ids = torch.tensor([[151644, 872, 198, 9707, 11, 1246, 311]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_load_runs(tiny_stream):
+    model, _ = build_stream_model(open_checkpoint(tiny_stream), CPU, torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype is torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype is torch.float32  # rope angles stay fp32
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).risk_logits).all()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+def corrupt(src, tmp_path, edit_config=None, edit_tensors=None):
+    dst = tmp_path / "bad"
+    shutil.copytree(src, dst)
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        sd = load_file(str(dst / "model.safetensors"))
+        edit_tensors(sd)
+        save_file(sd, str(dst / "model.safetensors"))
+    return dst
+
+
+def load(path):
+    return build_stream_model(open_checkpoint(path), CPU, torch.float32)
+
+
+def test_missing_directory():
+    with pytest.raises(CheckpointError, match="not found"):
+        open_checkpoint("/nonexistent/dir/x")
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        open_checkpoint(tmp_path)
+
+
+def test_non_utf8_config(tmp_path):
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(CheckpointError, match="not UTF-8"):
+        open_checkpoint(tmp_path)
+
+
+def test_unknown_architecture(tiny_stream, tmp_path):
+    def edit(c):
+        c["architectures"] = ["LlamaForCausalLM"]
+        del c["guard_inner_size"]
+    with pytest.raises(CheckpointError, match="unsupported architecture.*LlamaForCausalLM"):
+        open_checkpoint(corrupt(tiny_stream, tmp_path, edit))
+
+
+def test_missing_unexpected_and_mismatched_tensors_listed(tiny_stream, tmp_path):
+    def edit(sd):
+        del sd["query_category_head.weight"]
+        sd["extra.weight"] = torch.zeros(2)
+        sd["risk_level_head.weight"] = torch.zeros(4, 32)
+    with pytest.raises(CheckpointError) as e:
+        load(corrupt(tiny_stream, tmp_path, edit_tensors=edit))
+    msg = str(e.value)
+    assert "query_head.category.weight" in msg and "extra.weight" in msg
+    assert "risk_level_head.weight: checkpoint (4, 32) vs model (3, 32)" in msg
+
+
+def test_unknown_label_in_config(tiny_stream, tmp_path):
+    with pytest.raises(LabelError, match="response_category_map: unknown category 'Weapons'"):
+        load(corrupt(tiny_stream, tmp_path, lambda c: c["response_category_map"].update({"0": "Weapons"})))
+
+
+def test_label_count_mismatch(tiny_stream, tmp_path):
+    with pytest.raises(CheckpointError, match="num_category is 7"):
+        load(corrupt(tiny_stream, tmp_path, lambda c: c.update(num_category=7)))
+
+
+def test_pickle_weights_refused(tmp_path):
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
+    (d / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="pickle"):
+        open_checkpoint(d).tensor_files()
+
+
+def test_auto_map_is_ignored(tiny_stream):
+    ckpt = open_checkpoint(tiny_stream)
+    assert "auto_map" in ckpt.config  # present like upstream, and never used
+    load(tiny_stream)

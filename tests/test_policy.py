@@ -1,0 +1,101 @@
+import pytest
+
+from qguard.errors import LabelError
+from qguard.policy import (
+    Action,
+    Category,
+    Debouncer,
+    DebounceRule,
+    Policy,
+    Severity,
+    debounce,
+    label_map,
+    parse_category,
+    parse_severity,
+)
+
+S, U, C = Severity.SAFE, Severity.UNSAFE, Severity.CONTROVERSIAL
+
+
+@pytest.mark.parametrize("name,cat", [
+    ("Violent", Category.VIOLENT), ("violence", Category.VIOLENT),
+    ("Sexual Content", Category.SEXUAL), ("Sexual Content or Sexual Acts", Category.SEXUAL),
+    ("Self-Harm", Category.SELF_HARM), ("Suicide & Self-Harm", Category.SELF_HARM),
+    ("Political", Category.POLITICAL), ("politically_sensitive_topics", Category.POLITICAL),
+    ("pii", Category.PII), ("Copyright", Category.COPYRIGHT), ("Non-violent Illegal Acts", Category.NON_VIOLENT_ILLEGAL),
+    ("Unethical Acts", Category.UNETHICAL), ("Jailbreak", Category.JAILBREAK),
+])
+def test_category_aliases(name, cat):
+    assert parse_category(name) is cat
+
+
+def test_unknown_labels_fail_loudly():
+    with pytest.raises(LabelError, match="unknown category 'Weapons'"):
+        parse_category("Weapons")
+    with pytest.raises(LabelError, match="unknown risk level"):
+        parse_severity("Maybe")
+
+
+def test_label_map_string_keys_sorted_numerically():
+    m = {str(i): n for i, n in enumerate(["Safe", "Unsafe", "Controversial"] + [])}
+    assert label_map(m, parse_severity, (), "x") == (S, U, C)
+    ten = {str(i): "Safe" for i in range(11)}
+    assert len(label_map(ten, parse_severity, (), "x")) == 11  # "10" after "9", not after "1"
+    with pytest.raises(LabelError, match="class indices"):
+        label_map({"0": "Safe", "2": "Unsafe"}, parse_severity, (), "x")
+    with pytest.raises(LabelError, match="query_category_map: unknown category"):
+        label_map({"0": "Nope"}, parse_category, (), "query_category_map")
+
+
+def test_modes():
+    assert Policy(mode="strict").binary(C) is U
+    assert Policy(mode="loose").binary(C) is S
+    assert Policy(mode="loose").binary(U) is U
+
+
+def test_actions_and_threshold():
+    p = Policy(actions={"Politically Sensitive Topics": "flag", Category.PII: "allow"})
+    assert p.action_for(U, [Category.POLITICAL], None) is Action.FLAG
+    assert p.action_for(U, [Category.PII], None) is Action.ALLOW
+    assert p.action_for(U, [Category.PII, Category.VIOLENT], None) is Action.BLOCK
+    assert p.action_for(S, [Category.VIOLENT], None) is Action.ALLOW
+    assert Policy(mode="loose").action_for(C, [Category.VIOLENT], None) is Action.ALLOW
+    t = Policy(block_threshold=0.9)
+    assert t.action_for(U, [Category.VIOLENT], {"Safe": 0.3, "Unsafe": 0.7, "Controversial": 0.0}) is Action.FLAG
+    assert t.action_for(U, [Category.VIOLENT], {"Safe": 0.05, "Unsafe": 0.6, "Controversial": 0.35}) is Action.BLOCK
+    with pytest.raises(ValueError):
+        Policy(block_threshold=2)
+    v = p.verdict(C, [Category.VIOLENT], probs={"Safe": 0.1, "Unsafe": 0.2, "Controversial": 0.7})
+    assert v.binary is U and v.blocked and v.to_dict()["categories"] == ["Violent"]
+
+
+def test_error_verdict_is_never_safe():
+    v = Policy(mode="loose").error_verdict("garbage")
+    assert v.is_unsafe and v.error == "garbage" and v.action is Action.FLAG
+
+
+@pytest.mark.parametrize("labels,eval_,report", [
+    ([], (S, None), (S, None)),
+    ([U], (S, None), (S, None)),  # a single unsafe token is debounced away
+    ([S, U, S, U], (S, None), (S, None)),
+    ([S, U, U, S], (U, 2), (U, 2)),
+    ([C, C, U, U], (U, 3), (C, 1)),  # eval: Unsafe pair wins over an earlier Controversial pair
+    ([S, C, C, S], (C, 2), (C, 2)),
+    ([U, C, S], (S, None), (C, 1)),  # report: mixed non-safe pair counts, label of token i
+])
+def test_debounce_rules(labels, eval_, report):
+    assert debounce(labels, DebounceRule.EVAL) == eval_
+    assert debounce(labels, DebounceRule.REPORT) == report
+
+
+@pytest.mark.parametrize("rule", list(DebounceRule))
+def test_incremental_debouncer_matches_batch(rule):
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        labels = [rng.choice([S, S, U, C]) for _ in range(rng.randint(0, 12))]
+        d = Debouncer(rule)
+        for x in labels:
+            d.push(x)
+        assert (d.label, d.position) == debounce(labels, rule), labels
