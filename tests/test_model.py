@@ -174,3 +174,14 @@ def test_auto_map_is_ignored(tiny_stream):
     ckpt = open_checkpoint(tiny_stream)
     assert "auto_map" in ckpt.config  # present like upstream, and never used
     load(tiny_stream)
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="could not fetch 'Qwen/Qwen3Guard-Stream-0.6B'.*local directory"):
+        open_checkpoint("Qwen/Qwen3Guard-Stream-0.6B")
+
+
+def test_a_file_instead_of_a_directory(tiny_stream):
+    with pytest.raises(CheckpointError, match="is a file"):
+        open_checkpoint(tiny_stream / "config.json")
