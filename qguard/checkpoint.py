@@ -84,7 +84,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         ))
     except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
         raise CheckpointError(
-            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {' '.join(str(e).split())}). "
             "Download it on a connected machine and pass the local directory."
         ) from None
 
