@@ -5,6 +5,7 @@ The policy never sees a tensor: engines hand it probabilities and label indices,
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Mapping, Sequence
@@ -227,6 +228,13 @@ class Policy:
             action=self.action_for(label, categories, probs),
             **kw,
         )
+
+    def apply(self, v: Verdict) -> Verdict:
+        """The same model output judged under this policy (e.g. one forward, both modes)."""
+        if v.error is not None:
+            return dataclasses.replace(v, mode=self.mode)
+        return dataclasses.replace(v, mode=self.mode, binary=self.binary(v.label),
+                                   action=self.action_for(v.label, v.categories, v.probs))
 
     def error_verdict(self, message: str, raw_output: str | None = None, **kw: Any) -> Verdict:
         """An answer we could not read. It is never Safe: it counts as Unsafe and is flagged for review."""

@@ -99,3 +99,12 @@ def test_incremental_debouncer_matches_batch(rule):
         for x in labels:
             d.push(x)
         assert (d.label, d.position) == debounce(labels, rule), labels
+
+
+def test_apply_rejudges_one_output_under_another_mode():
+    strict = Policy(mode="strict").verdict(C, [Category.VIOLENT], probs={"Safe": 0.2, "Unsafe": 0.1, "Controversial": 0.7})
+    loose = Policy(mode="loose").apply(strict)
+    assert strict.binary is U and strict.blocked
+    assert loose.binary is S and loose.action is Action.ALLOW and loose.probs == strict.probs
+    err = Policy(mode="loose").apply(Policy().error_verdict("bad"))
+    assert err.is_unsafe and err.error == "bad"

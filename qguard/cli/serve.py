@@ -1,0 +1,45 @@
+"""`qguard serve`: the moderation API and the guarded chat proxy over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from qguard.cli import add_model_args, load_guard
+from qguard.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP moderation API + guarded OpenAI-compatible proxy")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--upstream", default=None, help="OpenAI-compatible base URL of the LLM to guard (…/v1)")
+    p.add_argument("--upstream-key-env", default="UPSTREAM_API_KEY",
+                   help="environment variable holding the upstream API key (never pass keys on the command line)")
+    p.add_argument("--api-keys-env", default="QGUARD_API_KEYS",
+                   help="environment variable with comma-separated client API keys; unset = no auth")
+    p.add_argument("--refusal", default=None, help="text returned in place of blocked content")
+    p.add_argument("--max-concurrency", type=int, default=16)
+    p.add_argument("--log-content", action="store_true", help="log message text (off by default: privacy)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from qguard.serve import ServeSettings, create_app
+
+    if args.max_concurrency < 1:
+        raise InputError("--max-concurrency must be at least 1")
+    keys = os.environ.get(args.api_keys_env)
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise InputError(f"refusing to serve on {args.host} without API keys: set ${args.api_keys_env}")
+    settings = ServeSettings(
+        api_keys=frozenset(k.strip() for k in keys.split(",") if k.strip()) if keys else None,
+        upstream_url=args.upstream, upstream_api_key=os.environ.get(args.upstream_key_env),
+        max_concurrency=args.max_concurrency, log_content=args.log_content,
+        **({"refusal_message": args.refusal} if args.refusal else {}),
+    )
+    uvicorn.run(create_app(load_guard(args), settings), host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,133 @@
+"""HTTP API and guarded proxy, with the upstream LLM replaced by an in-process httpx transport."""
+
+import json
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from qguard import Guard
+from qguard.policy import Action, Policy
+from qguard.serve import ServeSettings, create_app
+
+
+@pytest.fixture(scope="module")
+def guard(tiny_stream):
+    return Guard.from_pretrained(tiny_stream)
+
+
+def fake_upstream(answer: str, calls: list):
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        calls.append(body)
+        return httpx.Response(200, json={
+            "id": "up-1", "object": "chat.completion", "created": 1, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        })
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://upstream/v1")
+
+
+def client(guard, calls=None, answer="Hello!", **settings):
+    calls = [] if calls is None else calls
+    app = create_app(guard, ServeSettings(upstream_url="http://upstream/v1", **settings), upstream=fake_upstream(answer, calls))
+    return TestClient(app)
+
+
+def test_moderate_endpoint_matches_guard(guard):
+    c = client(guard)
+    r = c.post("/v1/moderate", json={"messages": [{"role": "user", "content": "How do I make a bomb?"}]})
+    assert r.status_code == 200
+    v = r.json()["verdict"]
+    direct = guard.classify_prompt("How do I make a bomb?")
+    assert v["label"] == direct.label.value and v["probs"] == pytest.approx(direct.probs)
+    loose = c.post("/v1/moderate", json={"messages": [{"role": "user", "content": "How do I make a bomb?"}], "mode": "loose"})
+    assert loose.json()["verdict"]["mode"] == "loose"
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"messages": []}, 422),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 422),
+    ({"messages": [{"role": "user", "content": 5}]}, 422),
+    ({"messages": [{"role": "user", "content": "   "}]}, 400),
+    ({}, 422),
+])
+def test_moderate_bad_input(guard, body, status):
+    r = client(guard).post("/v1/moderate", json=body)
+    assert r.status_code == status
+    if status == 400:
+        assert "nothing to moderate" in r.json()["error"]["message"]
+
+
+def test_api_keys(guard):
+    c = client(guard, api_keys=frozenset({"k1"}))
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert c.post("/v1/moderate", json=body).status_code == 401
+    assert c.post("/v1/moderate", json=body, headers={"authorization": "Bearer nope"}).status_code == 401
+    assert c.post("/v1/moderate", json=body, headers={"authorization": "Bearer k1"}).status_code == 200
+
+
+def allow_all(guard):
+    return Guard(guard.kind, guard.name, guard.tokenizer, Policy(default_action=Action.ALLOW), guard.model, guard.labels)
+
+
+def test_proxy_passes_allowed_traffic(guard):
+    calls = []
+    c = client(allow_all(guard), calls, answer="Hello there, friend!")
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.3})
+    assert r.status_code == 200
+    d = r.json()
+    assert d["choices"][0]["message"]["content"] == "Hello there, friend!"
+    assert calls and calls[0]["temperature"] == 0.3  # extra fields reach the upstream untouched
+    assert set(d["qguard"]) >= {"prompt", "response"}
+
+
+class KeywordGuard:
+    """Test double for the proxy logic: anything containing BAD is Unsafe/Violent (a real Guard is tested above)."""
+
+    def __init__(self, guard):
+        self.name, self.kind, self.policy = "kw", guard.kind, Policy()
+
+    def classify_messages(self, messages):
+        from qguard.policy import Category, Severity
+
+        bad = "BAD" in messages[-1]["content"]
+        return self.policy.verdict(Severity.UNSAFE if bad else Severity.SAFE, [Category.VIOLENT] if bad else [],
+                                   probs={"Safe": 0.0 if bad else 1.0, "Unsafe": 1.0 if bad else 0.0, "Controversial": 0.0})
+
+
+def test_proxy_blocks_unsafe_prompt_before_upstream(guard):
+    calls = []
+    c = client(KeywordGuard(guard), calls)
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "BAD idea"}]})
+    d = r.json()
+    assert d["choices"][0]["finish_reason"] == "content_filter" and d["qguard"]["blocked"] == "prompt"
+    assert d["qguard"]["prompt"]["categories"] == ["Violent"]
+    assert calls == []  # the LLM never saw it
+
+
+def test_proxy_upstream_errors(guard):
+    def boom(request):
+        return httpx.Response(500, text="oops")
+    app = create_app(allow_all(guard), ServeSettings(upstream_url="http://u/v1"),
+                     upstream=httpx.AsyncClient(transport=httpx.MockTransport(boom), base_url="http://u/v1"))
+    r = TestClient(app).post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 502 and "HTTP 500" in r.json()["detail"]
+
+
+def test_proxy_without_upstream(guard):
+    app = create_app(allow_all(guard), ServeSettings())
+    r = TestClient(app).post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 501
+
+
+def test_health(guard):
+    assert client(guard).get("/health").json()["kind"] == "stream"
+
+
+def test_proxy_replaces_blocked_response(guard):
+    c = client(KeywordGuard(guard), answer="Sure, BAD stuff follows", refusal_message="[removed]")
+    d = c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}).json()
+    assert d["choices"][0]["message"]["content"] == "[removed]"
+    assert d["choices"][0]["finish_reason"] == "content_filter" and d["qguard"]["blocked"] == "response"
+    assert d["usage"]["total_tokens"] == 5
