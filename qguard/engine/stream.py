@@ -1,0 +1,242 @@
+"""The batched streaming engine for Qwen3Guard-Stream: slots, scheduling, one forward per step.
+
+The engine owns the KV cache (a `SlotCache`) and the schedule; the model stays pure math. Each session
+owns one cache slot. Callers `submit` token ids to a slot; `step` packs the pending tokens of every
+session into one right-padded batch ([rows, T]) with per-row positions, runs the decoder once over it
+(each token is one incremental step: the prefix is never recomputed) and applies the guard heads to the
+new positions only. `run` steps until nothing is pending.
+
+Scheduling: every session with pending tokens takes part in each step, with at most `prefill_chunk` of
+its tokens (so a long prompt cannot stall live streams for long). Rows are grouped by the power of two
+at or above their pending count, one forward per group: the common case (every session pushing one
+token) is a single forward, and a 500-token prefill never pads 255 one-token rows to 500.
+
+The verdict logic (reading positions, debounce, policy) lives in `qguard.stream`; this module returns
+probabilities only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qguard.engine.kvcache import SlotCache, StepPlan
+from qguard.errors import CapacityError, InputError
+from qguard.model.stream import StreamGuardModel
+
+
+@dataclass
+class HeadProbs:
+    """Softmax outputs of the four heads for consecutive tokens of one session (float32, CPU)."""
+
+    risk: torch.Tensor  # [n, n_risk]
+    category: torch.Tensor  # [n, n_cat]
+    query_risk: torch.Tensor  # [n, n_qrisk]
+    query_category: torch.Tensor  # [n, n_qcat]
+
+    def __len__(self) -> int:
+        return self.risk.shape[0]
+
+    @staticmethod
+    def cat(parts: Sequence[HeadProbs]) -> HeadProbs:
+        if len(parts) == 1:
+            return parts[0]
+        return HeadProbs(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                           ("risk", "category", "query_risk", "query_category")))
+
+    def slice(self, a: int, b: int) -> HeadProbs:
+        return HeadProbs(self.risk[a:b], self.category[a:b], self.query_risk[a:b], self.query_category[a:b])
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0  # calls of step() that ran at least one forward
+    forwards: int = 0  # batched decoder forwards
+    tokens: int = 0  # tokens processed
+    padded_tokens: int = 0  # rows x T over all forwards (tokens + padding)
+
+
+@dataclass
+class _Slot:
+    length: int = 0  # tokens already in the cache
+    pending: list[int] = field(default_factory=list)
+    out: list[HeadProbs] = field(default_factory=list)
+
+
+class StreamEngine:
+    """Serve many Qwen3Guard-Stream sessions from one model with a bounded, preallocated KV cache.
+
+    Thread-safe: every public method takes the engine lock, so sync callers on several threads and the
+    asyncio step loop can share one engine.
+    """
+
+    def __init__(self, model: StreamGuardModel, max_sessions: int = 8, max_context: int = 2048,
+                 prefill_chunk: int = 512):
+        cfg = model.config
+        if max_sessions < 1:
+            raise InputError(f"max_sessions must be at least 1, got {max_sessions}")
+        if not 1 <= max_context <= cfg.max_position_embeddings:
+            raise InputError(f"max_context must be in 1..{cfg.max_position_embeddings} (the model's context), "
+                             f"got {max_context}")
+        if prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_sessions, self.max_context = max_sessions, max_context
+        self.prefill_chunk = min(prefill_chunk, max_context)
+        try:
+            self.cache = SlotCache(cfg.num_hidden_layers, max_sessions, cfg.num_key_value_heads, max_context,
+                                   cfg.head_dim, self.dtype, self.device)
+        except (RuntimeError, MemoryError) as e:  # torch raises RuntimeError / OutOfMemoryError
+            need = SlotCache.nbytes(cfg.num_hidden_layers, max_sessions, cfg.num_key_value_heads, max_context,
+                                    cfg.head_dim, self.dtype)
+            raise CapacityError(f"cannot allocate the KV cache for {max_sessions} sessions x {max_context} tokens "
+                                f"({need / 2**30:.1f} GiB): lower max_sessions or max_context ({e})") from None
+        self.slots: dict[int, _Slot] = {}
+        self.free_slots = list(range(max_sessions))
+        self.released: deque[int] = deque()  # slots dropped by garbage collection, freed at the next call
+        self.lock = threading.RLock()
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------------------------ slots
+
+    @property
+    def active(self) -> int:
+        """Sessions holding a slot."""
+        with self.lock:
+            self._drain_released()
+            return len(self.slots)
+
+    def allocate(self) -> int:
+        """Reserve a slot for a new session; CapacityError when all are in use."""
+        with self.lock:
+            self._drain_released()
+            if not self.free_slots:
+                raise CapacityError(f"all {self.max_sessions} stream sessions are in use; close a session "
+                                    "or build the engine with a larger max_sessions")
+            # lowest free slot first keeps live slots dense, so steps read a slice instead of a gather
+            slot = min(self.free_slots)
+            self.free_slots.remove(slot)
+            self.slots[slot] = _Slot()
+            return slot
+
+    def free(self, slot: int) -> None:
+        with self.lock:
+            if self.slots.pop(slot, None) is not None:
+                self.free_slots.append(slot)
+
+    def release_later(self, slot: int) -> None:
+        """Free `slot` at the next engine call. Safe from finalizers (never takes the lock)."""
+        self.released.append(slot)
+
+    def _drain_released(self) -> None:
+        while self.released:
+            self.free(self.released.popleft())
+
+    def length(self, slot: int) -> int:
+        """Tokens of `slot` in the cache or pending."""
+        s = self._slot(slot)
+        return s.length + len(s.pending)
+
+    def fork(self, slot: int) -> int:
+        """A new slot holding a copy of `slot`'s processed context (for several continuations of one prefix)."""
+        with self.lock:
+            src = self._slot(slot)
+            if src.pending:
+                raise InputError("cannot fork a session with unprocessed tokens; run the engine first")
+            new = self.allocate()
+            self.cache.copy_slot(slot, new, src.length)
+            self.slots[new].length = src.length
+            return new
+
+    def _slot(self, slot: int) -> _Slot:
+        s = self.slots.get(slot)
+        if s is None:
+            raise InputError(f"stream session slot {slot} is closed")
+        return s
+
+    # ------------------------------------------------------------------------------------ work
+
+    def submit(self, slot: int, ids: Sequence[int]) -> None:
+        """Queue token ids for `slot`; CapacityError if the session would outgrow max_context."""
+        with self.lock:
+            s = self._slot(slot)
+            total = s.length + len(s.pending) + len(ids)
+            if total > self.max_context:
+                raise CapacityError(f"stream session would reach {total} tokens, over the engine's max_context of "
+                                    f"{self.max_context}; close it or build the engine with a larger max_context")
+            vocab = self.model.config.vocab_size
+            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
+            if bad:
+                raise InputError(f"token ids must be integers in 0..{vocab - 1}, got {bad[:5]}")
+            s.pending.extend(ids)
+
+    def run(self) -> dict[int, HeadProbs]:
+        """Step until no session has pending tokens; the head outputs of every processed token, per slot."""
+        with self.lock:
+            while self.step():
+                pass
+            out = {}
+            for slot, s in self.slots.items():
+                if s.out:
+                    out[slot] = HeadProbs.cat(s.out)
+                    s.out = []
+            return out
+
+    def step(self) -> bool:
+        """One scheduling step over all sessions with pending tokens; False if there was nothing to do."""
+        with self.lock:
+            self._drain_released()
+            rows = [(slot, min(len(s.pending), self.prefill_chunk)) for slot, s in self.slots.items() if s.pending]
+            if not rows:
+                return False
+            rows.sort()  # ascending slots: consecutive slots read the cache as a view
+            groups: dict[int, list[tuple[int, int]]] = {}
+            for slot, n in rows:
+                groups.setdefault(min(1 << (n - 1).bit_length(), self.prefill_chunk), []).append((slot, n))
+            for T, group in groups.items():
+                self._forward(group, T)
+            self.stats.steps += 1
+            return True
+
+    @torch.inference_mode()
+    def _forward(self, group: list[tuple[int, int]], T: int) -> None:
+        B = len(group)
+        slots = torch.tensor([g[0] for g in group])
+        counts = torch.tensor([g[1] for g in group])
+        past = torch.tensor([self.slots[g[0]].length for g in group])
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for r, (slot, n) in enumerate(group):
+            ids[r, :n] = torch.tensor(self.slots[slot].pending[:n])
+        positions = past[:, None] + torch.arange(T)[None, :]
+        self.cache.begin(StepPlan(self.cache, slots, past, counts, T, self.device))
+        try:
+            h = self.model.model(ids.to(self.device), positions.to(self.device), cache=self.cache)
+        finally:
+            self.cache.begin(None)
+        h = h.reshape(B * T, -1)
+        if B * T != sum(n for _, n in group):
+            # real tokens only, row-major so each session's tokens stay consecutive; the index is built on
+            # the CPU (a boolean mask on the device would force a sync to learn the output size)
+            keep = (torch.arange(T)[None, :] < counts[:, None]).flatten().nonzero().squeeze(1)
+            h = h.index_select(0, keep.to(self.device))
+        o = self.model.heads(h)
+        logits = (o.risk_logits, o.category_logits, o.query_risk_logits, o.query_category_logits)
+        # one device->host copy for the whole batch, then split per head and per session on the CPU
+        packed = torch.cat([x.float().softmax(-1) for x in logits], dim=-1).cpu()
+        probs = packed.split([x.shape[-1] for x in logits], dim=-1)
+        start = 0
+        for slot, n in group:
+            s = self.slots[slot]
+            s.out.append(HeadProbs(*(p[start:start + n] for p in probs)))
+            del s.pending[:n]
+            s.length += n
+            start += n
+        self.stats.forwards += 1
+        self.stats.tokens += start
+        self.stats.padded_tokens += B * T

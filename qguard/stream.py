@@ -1,0 +1,556 @@
+"""Live moderation with Qwen3Guard-Stream: sessions that judge a response while it is generated.
+
+    sg = StreamGuard.from_pretrained("Qwen/Qwen3Guard-Stream-0.6B", max_sessions=64)
+    with sg.open([{"role": "user", "content": "How do I ...?"}]) as s:
+        print(s.prompt.label)                    # prompt verdict, at once
+        for ids in llm_token_stream():           # or s.push_text(delta) for any other LLM
+            for tv in s.push(ids):               # one verdict per moderated token
+                if tv.stop:                      # the policy blocks: cut the LLM off
+                    break
+        print(s.finish())                        # the debounced response Verdict
+
+Each push costs one incremental step of the engine (`qguard.engine.stream`): the prefix stays in the KV
+cache. Pushes of many sessions share one batched forward: `push_many` in sync code, and in asyncio code
+every `await session.push(...)` issued at the same time is coalesced into one step by a background loop.
+
+Reading positions (spec section 3): the prompt verdict is the query heads at the user turn's
+`<|im_end|>`; response verdicts are the response heads at every answer token, and at the reasoning tokens
+too when thinking is moderated. Template scaffolding (`<think>`, the newline after it, `</think>`, the
+`\\n\\n` after it, `<|im_end|>`) goes through the model but never produces a verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from qguard.checkpoint import StreamLabels, build_stream_model, default_dtype, open_checkpoint, pick_device
+from qguard.engine.scoring import argmax_label, probs_dict, severity_probs
+from qguard.engine.stream import EngineStats, HeadProbs, StreamEngine
+from qguard.errors import CapacityError, InputError
+from qguard.incremental import IncrementalTokenizer
+from qguard.policy import Category, Debouncer, DebounceRule, Mode, Policy, Severity, Verdict
+from qguard.tokenizer import (
+    DOUBLE_NEWLINE,
+    END_THINK,
+    ENDOFTEXT,
+    IM_END,
+    NEWLINE,
+    THINK,
+    Message,
+    check_messages,
+    encode,
+    load_tokenizer,
+    render_chat,
+)
+
+__all__ = [
+    "AsyncStreamSession", "CapacityError", "DebounceRule", "EngineStats", "IncrementalTokenizer", "Part",
+    "Policy", "StreamEngine", "StreamGuard", "StreamSession", "TokenVerdict", "Verdict",
+]
+
+
+class Part(str, enum.Enum):
+    """Which part of the assistant turn a token belongs to."""
+
+    THINK = "think"
+    ANSWER = "answer"
+
+
+@dataclass(frozen=True)
+class TokenVerdict:
+    """The guard's reading of one moderated token, and the running response verdict after it."""
+
+    token_id: int
+    index: int  # index among the moderated tokens of the response (what debounce counts)
+    position: int  # absolute position in the guard's token sequence
+    part: Part
+    probs: dict[str, float]  # {"Safe", "Unsafe", "Controversial"}
+    category_probs: dict[str, float]
+    label: Severity  # this token's own label (argmax)
+    category: Category  # this token's most likely category
+    response_label: Severity  # debounced label of the response so far
+    unsafe_position: int | None  # index where the response label was decided, if it was
+    stop: bool  # the policy blocks the response: stop the LLM
+
+    def to_dict(self) -> dict:
+        return {"token_id": self.token_id, "index": self.index, "position": self.position, "part": self.part.value,
+                "probs": self.probs, "category_probs": self.category_probs, "label": self.label.value,
+                "category": self.category.value, "response_label": self.response_label.value,
+                "unsafe_position": self.unsafe_position, "stop": self.stop}
+
+
+class _Reader:
+    """Walks the assistant turn token by token and says which tokens are moderated (O(1) per token).
+
+    Thinking on: `<think>` `\\n` reasoning... `</think>` `\\n\\n` answer... `<|im_end|>`.
+    Thinking off: the template already put the empty think block in the prompt; every token is answer.
+    """
+
+    def __init__(self, thinking: bool, moderate_thinking: bool):
+        self.phase = "start" if thinking else "answer"
+        self.moderate_thinking = moderate_thinking
+
+    def plan(self, ids: Sequence[int], phase: str | None = None) -> tuple[list[Part | None], str]:
+        """Part of each token (None = not moderated) and the phase after them, starting from `phase`
+        (default: the current one); changes nothing."""
+        phase, parts = phase or self.phase, []
+        for tok in ids:
+            part, phase = self._next(phase, tok)
+            parts.append(part if part is not Part.THINK or self.moderate_thinking else None)
+        return parts, phase
+
+    @staticmethod
+    def _next(phase: str, tok: int) -> tuple[Part | None, str]:
+        if phase == "ended":
+            raise InputError("the assistant turn already ended (<|im_end|> was pushed); open a new session")
+        if phase == "start":
+            if tok == THINK:
+                return None, "think_open"
+            phase = "answer"  # a model that answers without thinking
+        if phase == "think_open":
+            if tok == NEWLINE:
+                return None, "think"
+            phase = "think"
+        if phase == "think":
+            return (None, "think_close") if tok == END_THINK else (Part.THINK, "think")
+        if phase == "think_close":
+            if tok == DOUBLE_NEWLINE:
+                return None, "answer"
+            phase = "answer"
+        if tok in (IM_END, ENDOFTEXT):
+            return None, "ended"
+        return Part.ANSWER, "answer"
+
+
+class StreamSession:
+    """One conversation being moderated live. Use it as a context manager, or call `close()`."""
+
+    def __init__(self, guard: StreamGuard, slot: int, prompt_ids: list[int], user_end: int, thinking: bool,
+                 moderate_thinking: bool):
+        self.guard, self.slot = guard, slot
+        self.prompt_ids, self.user_end = prompt_ids, user_end
+        self.thinking, self.moderate_thinking = thinking, moderate_thinking
+        self.prompt: Verdict | None = None
+        self.length = 0  # tokens submitted so far (prompt included)
+        self.closed = False
+        self.stop = False
+        self._reader = _Reader(thinking, moderate_thinking)
+        self._debouncer = Debouncer(guard.debounce_rule)
+        # (probs, category probs, category) at the deciding token, and (P(not safe), ...) at the riskiest one:
+        # what the response Verdict reports, kept in O(1) per token
+        self._decided: tuple[dict, dict, Category] | None = None
+        self._riskiest: tuple[float, dict, dict, Category] | None = None
+        self._text: IncrementalTokenizer | None = None
+        self.n_moderated = 0
+
+    # ------------------------------------------------------------------------------------ public
+
+    def push(self, ids: Sequence[int]) -> list[TokenVerdict]:
+        """Push assistant token ids; returns a verdict for each moderated one (scaffolding gives none)."""
+        return self.guard._run_one(self, ids)
+
+    def push_text(self, delta: str) -> list[TokenVerdict]:
+        """Push an assistant text delta (LLMs with another tokenizer); verdicts for the ids it commits."""
+        ids = self._text_stream().push(delta)
+        return self.push(ids) if ids else []
+
+    def flush(self) -> list[TokenVerdict]:
+        """End of the text: commit the text still held by the incremental tokenizer; its verdicts."""
+        ids = self._text.flush() if self._text is not None else []
+        return self.push(ids) if ids else []
+
+    def finish(self) -> Verdict:
+        """End of the response: `flush`, then the debounced response verdict (call `flush` first to also
+        get the verdicts of the last tokens)."""
+        self.flush()
+        return self.verdict()
+
+    def verdict(self) -> Verdict:
+        """The debounced response verdict so far (official eval rule unless configured otherwise)."""
+        return self.guard._response_verdict(self)
+
+    def fork(self) -> StreamSession:
+        """A second session continuing from this one's context (e.g. several sampled continuations)."""
+        self._check_open()
+        with self.guard.engine.lock:
+            if self.guard.engine.length(self.slot) != self.length:
+                raise InputError("cannot fork while pushes of this session are in flight")
+            new = copy.copy(self)
+            new.slot = self.guard.engine.fork(self.slot)
+        new._reader = copy.copy(self._reader)
+        new._debouncer = copy.copy(self._debouncer)
+        new._text = copy.copy(self._text)
+        return new
+
+    def close(self) -> None:
+        """Free the session's cache slot (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self.guard.engine.free(self.slot)
+
+    def _close_nowait(self) -> None:
+        """Close without waiting for the engine lock (an event loop must not block on a running step);
+        the slot is freed at the engine's next call."""
+        if not self.closed:
+            self.closed = True
+            self.guard.engine.release_later(self.slot)
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A dropped session must not leak its slot; the engine frees it at its next call (no lock here:
+        # a finalizer may run in the middle of a step on this very thread).
+        if not getattr(self, "closed", True):
+            self._close_nowait()
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _text_stream(self) -> IncrementalTokenizer:
+        if self._text is None:
+            self._text = IncrementalTokenizer(self.guard.tokenizer)
+        return self._text
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise InputError("this stream session is closed")
+
+    def _consume(self, ids: Sequence[int], parts: Sequence[Part | None], hp: HeadProbs) -> list[TokenVerdict]:
+        """Turn the engine's probabilities for pushed tokens into verdicts (debounce + policy)."""
+        L, out = self.guard.labels, []
+        start = self.length
+        self.length += len(ids)
+        risk_rows, cat_rows = hp.risk.tolist(), hp.category.tolist()  # one conversion per push, not per token
+        for j, (tok, part) in enumerate(zip(ids, parts)):
+            if part is None:
+                continue
+            r, c = risk_rows[j], cat_rows[j]
+            probs, cprobs = _label_probs(r, L.risk, SEVERITY_KEYS), _label_probs(c, L.category)
+            label, category = L.risk[_argmax(r)], L.category[_argmax(c)]
+            index = self.n_moderated
+            self.n_moderated += 1
+            self._track(label, probs, cprobs, category, 1.0 - r[self.guard.safe_index])
+            out.append(TokenVerdict(
+                token_id=tok, index=index, position=start + j, part=part, probs=probs, category_probs=cprobs,
+                label=label, category=category, response_label=self._debouncer.label,
+                unsafe_position=self._debouncer.position, stop=self.stop,
+            ))
+        return out
+
+    def _track(self, label: Severity, probs: dict, cprobs: dict, category: Category, unsafe: float) -> None:
+        before = (self._debouncer.label, self._debouncer.position)
+        self._debouncer.push(label)
+        if (self._debouncer.label, self._debouncer.position) != before:
+            self._decided = (probs, cprobs, category)
+            if not self.stop and self.guard._response_verdict(self).blocked:
+                self.stop = True  # sticky: once blocked, the response stays cut off
+        if self._riskiest is None or unsafe > self._riskiest[0]:
+            self._riskiest = (unsafe, probs, cprobs, category)
+
+
+SEVERITY_KEYS = tuple(s.value for s in (Severity.SAFE, Severity.UNSAFE, Severity.CONTROVERSIAL))
+
+
+def _argmax(row: Sequence[float]) -> int:
+    """Index of the first maximum, like torch.argmax."""
+    return max(range(len(row)), key=row.__getitem__)
+
+
+def _label_probs(row: Sequence[float], names: Sequence, keys: Sequence[str] = ()) -> dict[str, float]:
+    """{label: prob}, summed per taxonomy name; `keys` are always present (as in scoring.severity_probs)."""
+    out = dict.fromkeys(keys, 0.0)
+    for name, v in zip(names, row):
+        out[name.value] = out.get(name.value, 0.0) + v
+    return out
+
+
+class AsyncStreamSession:
+    """The asyncio face of a `StreamSession`: concurrent pushes of many sessions share batched steps."""
+
+    def __init__(self, session: StreamSession):
+        self.session = session
+
+    @property
+    def prompt(self) -> Verdict | None:
+        return self.session.prompt
+
+    @property
+    def stop(self) -> bool:
+        return self.session.stop
+
+    async def push(self, ids: Sequence[int]) -> list[TokenVerdict]:
+        return await self.session.guard._submit_async(self.session, list(ids))
+
+    async def push_text(self, delta: str) -> list[TokenVerdict]:
+        ids = self.session._text_stream().push(delta)
+        return await self.push(ids) if ids else []
+
+    async def flush(self) -> list[TokenVerdict]:
+        ids = self.session._text.flush() if self.session._text is not None else []
+        return await self.push(ids) if ids else []
+
+    async def finish(self) -> Verdict:
+        await self.flush()
+        return self.session.verdict()
+
+    def verdict(self) -> Verdict:
+        return self.session.verdict()
+
+    async def aclose(self) -> None:
+        self.session._close_nowait()
+
+    def close(self) -> None:
+        self.session.close()
+
+    async def __aenter__(self) -> AsyncStreamSession:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.session._close_nowait()
+
+
+class StreamGuard:
+    """Sessions over one Qwen3Guard-Stream model and one batched `StreamEngine`.
+
+    `max_sessions` x `max_context` tokens of KV cache are allocated up front (bounded memory). When all
+    sessions are in use, `open` raises CapacityError and `open_async` waits for a free slot (back-pressure)
+    up to its `timeout`.
+    """
+
+    def __init__(self, model, tokenizer, labels: StreamLabels, *, policy: Policy | None = None,
+                 mode: Mode | str = Mode.STRICT, debounce: DebounceRule | str = DebounceRule.EVAL,
+                 max_sessions: int = 8, max_context: int = 2048, prefill_chunk: int = 512):
+        self.model, self.tokenizer, self.labels = model, tokenizer, labels
+        self.policy = policy or Policy(mode=Mode(mode))
+        self.debounce_rule = DebounceRule(debounce)
+        self.engine = StreamEngine(model, max_sessions=max_sessions, max_context=max_context,
+                                   prefill_chunk=prefill_chunk)
+        self.safe_index = list(labels.risk).index(Severity.SAFE)
+        self._queue: list[tuple[StreamSession, list[int], asyncio.Future, bool]] = []  # (session, ids, waiter, prompt)
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qguard-stream")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, **kw) -> StreamGuard:
+        """Load a Qwen3Guard-Stream checkpoint (local path or hub id); kw go to `StreamGuard`."""
+        ckpt = open_checkpoint(name_or_path)
+        dev = pick_device(device)
+        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(dev)
+        model, labels = build_stream_model(ckpt, dev, dt)  # CheckpointError unless a Stream checkpoint
+        return cls(model, load_tokenizer(ckpt.path), labels, **kw)
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    # ------------------------------------------------------------------------------------ sync API
+
+    def open(self, messages: str | Sequence[Message], *, system: str | None = None, thinking: bool = False,
+             moderate_thinking: bool = True) -> StreamSession:
+        """Start moderating the assistant turn that follows `messages` (which end with the user's turn).
+
+        `thinking`: the LLM answers in thinking mode (`<think>...</think>` then the answer); otherwise the
+        prompt carries Qwen3's empty think block. `moderate_thinking`: also give verdicts on the reasoning.
+        The prompt verdict is computed at once (`session.prompt`).
+        """
+        ids, user_end = self._prompt_ids(messages, system, thinking)
+        with self.engine.lock:
+            self._check_prompt_fits(ids)
+            session = StreamSession(self, self.engine.allocate(), ids, user_end, thinking, moderate_thinking)
+            try:
+                self._run([(session, ids)], prompt=True)
+            except BaseException:
+                session.close()
+                raise
+        return session
+
+    def push_many(self, pushes: Mapping[StreamSession, Sequence[int]]) -> dict[StreamSession, list[TokenVerdict]]:
+        """Push tokens to several sessions in one batched step."""
+        items = [(s, list(ids)) for s, ids in pushes.items()]
+        return {s: r for (s, _), r in zip(items, self._run(items))}
+
+    def close(self) -> None:
+        """Stop the background step thread (sessions stay usable from sync code)."""
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------------------------ async API
+
+    async def open_async(self, messages: str | Sequence[Message], *, system: str | None = None,
+                         thinking: bool = False, moderate_thinking: bool = True,
+                         timeout: float | None = None) -> AsyncStreamSession:
+        """Like `open`, but waits (up to `timeout` seconds) for a free session instead of failing."""
+        ids, user_end = self._prompt_ids(messages, system, thinking)
+        self._check_prompt_fits(ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                slot = self.engine.allocate()
+                break
+            except CapacityError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.005)
+        session = StreamSession(self, slot, ids, user_end, thinking, moderate_thinking)
+        try:
+            await self._submit_async(session, ids, prompt=True)
+        except BaseException:
+            session.close()
+            raise
+        return AsyncStreamSession(session)
+
+    async def _submit_async(self, session: StreamSession, ids: list[int], prompt: bool = False):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append((session, ids, fut, prompt))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._step_loop())
+        return await fut
+
+    async def _step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0)  # let every coroutine that is ready enqueue its push: they share this step
+        while self._queue:
+            batch, self._queue = self._queue, []
+            items = [(s, ids, prompt) for s, ids, _, prompt in batch]  # new prompts prefill beside live pushes
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_each, items)
+            except Exception as e:  # an engine failure fails every waiter, never hangs them
+                results = [e] * len(batch)
+            for (_, _, fut, _), r in zip(batch, results):
+                if fut.done():
+                    continue
+                if isinstance(r, BaseException):
+                    fut.set_exception(r)
+                else:
+                    fut.set_result(r)
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _prompt_ids(self, messages: str | Sequence[Message], system: str | None, thinking: bool) -> tuple[list[int], int]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        msgs = check_messages(messages)
+        if system is not None:
+            if not isinstance(system, str):
+                raise InputError(f"system must be text, got {type(system).__name__}")
+            if msgs[0]["role"] == "system":
+                raise InputError("give the system turn either in messages or as system=, not both")
+            msgs = [{"role": "system", "content": system}, *msgs]
+        if msgs[-1]["role"] != "user":
+            raise InputError("a stream session starts after the user's turn: the last message must be from the user")
+        ids = encode(self.tokenizer, render_chat(self.tokenizer, msgs, add_generation_prompt=True,
+                                                 enable_thinking=thinking))
+        user_end = max(i for i, t in enumerate(ids) if t == IM_END)
+        return ids, user_end
+
+    def _check_prompt_fits(self, ids: list[int]) -> None:
+        if len(ids) >= self.engine.max_context:
+            raise CapacityError(f"the conversation is {len(ids)} tokens, leaving no room for a response in the "
+                                f"engine's max_context of {self.engine.max_context}; raise max_context")
+
+    def _run_one(self, session: StreamSession, ids: Sequence[int]) -> list[TokenVerdict]:
+        r = self._run_each([(session, list(ids), False)])[0]
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    def _run(self, items: list[tuple[StreamSession, list[int]]], prompt: bool = False) -> list:
+        results = self._run_each([(s, ids, prompt) for s, ids in items])
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
+    def _run_each(self, items: list[tuple[StreamSession, list[int], bool]]) -> list:
+        """Validate, submit and run a batch of pushes in one engine run; a result or an error per item.
+
+        Every item is checked before anything is submitted, so a bad push fails alone and leaves its
+        session unchanged.
+        """
+        eng = self.engine
+        with eng.lock:
+            results: list = [None] * len(items)
+            plans: dict[int, tuple] = {}
+            extra: dict[int, int] = {}  # tokens this batch already adds per slot
+            phases: dict[int, str] = {}  # reader phase after this batch's earlier pushes, per slot
+            for k, (s, ids, prompt) in enumerate(items):
+                try:
+                    plans[k] = self._validate(s, ids, extra.get(s.slot, 0), phases.get(s.slot), prompt)
+                    extra[s.slot] = extra.get(s.slot, 0) + len(ids)
+                    phases[s.slot] = plans[k][1]
+                except (InputError, CapacityError) as e:
+                    results[k] = e
+            for k, (s, ids, _) in enumerate(items):
+                if k in plans and ids:
+                    eng.submit(s.slot, ids)
+            out = eng.run()
+            offset: dict[int, int] = {}
+            for k, (s, ids, prompt) in enumerate(items):
+                if k not in plans:
+                    continue
+                a = offset.get(s.slot, 0)
+                offset[s.slot] = a + len(ids)
+                hp = out[s.slot].slice(a, a + len(ids)) if ids else None
+                results[k] = self._deliver(s, ids, plans[k], hp, prompt)
+            return results
+
+    def _validate(self, s: StreamSession, ids: list[int], extra: int, phase: str | None, prompt: bool) -> tuple:
+        s._check_open()
+        vocab = self.model.config.vocab_size
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise InputError(f"token ids must be integers in 0..{vocab - 1}, got {bad[:5]}")
+        total = s.length + extra + len(ids)
+        if total > self.engine.max_context:
+            raise CapacityError(f"stream session would reach {total} tokens, over the engine's max_context of "
+                                f"{self.engine.max_context}; finish it or build the StreamGuard with a larger "
+                                "max_context")
+        if prompt:
+            return ([], s._reader.phase)
+        return s._reader.plan(ids, phase)
+
+    def _deliver(self, s: StreamSession, ids: list[int], plan: tuple, hp: HeadProbs | None, prompt: bool):
+        if prompt:
+            s.length += len(ids)
+            s.prompt = self._prompt_verdict(s, hp)
+            return s.prompt
+        parts, phase = plan
+        s._reader.phase = phase
+        if hp is None:
+            return []
+        return s._consume(ids, parts, hp)
+
+    def _prompt_verdict(self, s: StreamSession, hp: HeadProbs) -> Verdict:
+        L, j = self.labels, s.user_end
+        p, cp = hp.query_risk[j], hp.query_category[j]
+        label = argmax_label(p, L.query_risk)
+        cats = (argmax_label(cp, L.query_category),) if label is not Severity.SAFE else ()
+        return self.policy.verdict(label, cats, probs=severity_probs(p, L.query_risk),
+                                   category_probs=probs_dict(cp, L.query_category), n_tokens=j + 1)
+
+    def _response_verdict(self, s: StreamSession) -> Verdict:
+        """Mirrors `Guard` on finished responses: probabilities at the deciding token, else the riskiest."""
+        d = s._debouncer
+        label, pos = d.label, d.position
+        if pos is not None and s._decided is not None:
+            probs, cprobs, category = s._decided
+        elif s._riskiest is not None:
+            _, probs, cprobs, category = s._riskiest
+        else:
+            return self.policy.verdict(Severity.SAFE, (), unsafe_position=None, n_tokens=s.length)
+        cats = (category,) if label is not Severity.SAFE else ()
+        return self.policy.verdict(label, cats, probs=probs, category_probs=cprobs, unsafe_position=pos,
+                                   n_tokens=s.length)
