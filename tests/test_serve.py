@@ -131,3 +131,116 @@ def test_proxy_replaces_blocked_response(guard):
     assert d["choices"][0]["message"]["content"] == "[removed]"
     assert d["choices"][0]["finish_reason"] == "content_filter" and d["qguard"]["blocked"] == "response"
     assert d["usage"]["total_tokens"] == 5
+
+
+# --------------------------------------------------------------------------------------------- streaming
+
+class SSEStream(httpx.AsyncByteStream):
+    """An upstream SSE body that records how many deltas the proxy actually pulled."""
+
+    def __init__(self, deltas):
+        self.deltas, self.sent = deltas, 0
+
+    async def __aiter__(self):
+        for d in self.deltas:
+            self.sent += 1
+            chunk = {"id": "up", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": d}, "finish_reason": None}]}
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+
+def sse_client(g, deltas, **settings):
+    stream = SSEStream(deltas)
+    up = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, stream=stream)),
+                           base_url="http://upstream/v1")
+    app = create_app(g, ServeSettings(upstream_url="http://upstream/v1", **settings), upstream=up)
+    return TestClient(app), stream
+
+
+def events(r):
+    out = []
+    for line in r.text.split("\n\n"):
+        if line.startswith("data: "):
+            p = line[6:]
+            out.append(p if p == "[DONE]" else json.loads(p))
+    return out
+
+
+def text_of(evts):
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in evts if isinstance(e, dict) and e.get("choices"))
+
+
+ANSWER = ["Sure", ", here", " is a", " very long", " answer", " that", " goes on", " and on", " for many", " tokens",
+          " so that", " the", " guard", " has", " plenty", " to", " judge", " here", "."] * 3
+
+
+def test_stream_passthrough_when_allowed(guard):
+    g = allow_all(guard)
+    c, up = sse_client(g, ANSWER)
+    evts = events(c.post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}))
+    assert evts[-1] == "[DONE]"
+    assert text_of(evts) == "".join(ANSWER)
+    final = evts[-2]
+    assert final["choices"] == [] and "response" in final["qguard"]
+    assert up.sent == len(ANSWER)
+    # the live verdict equals the offline one on the finished answer
+    offline = g.classify_response("hi", "".join(ANSWER))
+    assert final["qguard"]["response"]["label"] == offline.label.value
+    assert final["qguard"]["response"].get("unsafe_position") == offline.unsafe_position
+
+
+@pytest.fixture(scope="module")
+def safe_prompt_guard(tiny_stream, tmp_path_factory):
+    """The tiny model with its query norm zeroed: every prompt scores uniform, argmax Safe (index 0)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("safe_prompt") / "ck"
+    shutil.copytree(tiny_stream, d)
+    sd = load_file(str(d / "model.safetensors"))
+    sd["query_risk_level_category_layernorm.weight"].zero_()
+    save_file(sd, str(d / "model.safetensors"))
+    return Guard.from_pretrained(d)
+
+
+def test_stream_is_cut_when_the_policy_blocks(safe_prompt_guard):
+    guard = safe_prompt_guard
+    assert not guard.classify_prompt("hi").blocked
+    offline = guard.classify_response("hi", "".join(ANSWER))
+    assert offline.blocked and offline.unsafe_position is not None  # fixed seed: the answer is flagged
+    c, up = sse_client(guard, ANSWER, refusal_message="[cut]")
+    evts = events(c.post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}))
+    last = evts[-2]
+    assert last["choices"][0]["finish_reason"] == "content_filter" and last["qguard"]["blocked"] == "response"
+    # the cut comes at the first token where the running debounced verdict blocks (it can precede the
+    # final verdict's position: under the eval rule a later Unsafe pair overrides a Controversial one)
+    from qguard.policy import Debouncer
+
+    d, first_block = Debouncer(), None
+    for t in guard.stream_trace("hi", "".join(ANSWER)).tokens:
+        label = d.push(t.label)
+        if first_block is None and d.position is not None and guard.policy.binary(label).value == "Unsafe":
+            first_block = d.position
+    assert last["qguard"]["response"]["unsafe_position"] == first_block
+    assert "".join(ANSWER).startswith(text_of(evts[:-2]))
+    assert up.sent < len(ANSWER)  # the upstream request was dropped early: the LLM stops generating
+
+
+def test_stream_with_gen_guard_buffers_then_judges(guard):
+    kg = KeywordGuard(guard)
+    kg.kind = __import__("qguard.checkpoint", fromlist=["Kind"]).Kind.GEN
+    c, _ = sse_client(kg, ["fine ", "text"])
+    evts = events(c.post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}))
+    assert text_of(evts) == "fine text" and evts[-1] == "[DONE]"
+    c, _ = sse_client(kg, ["some ", "BAD ", "text"], refusal_message="[x]")
+    evts = events(c.post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}))
+    assert text_of(evts) == "[x]" and evts[-2]["choices"][0]["finish_reason"] == "content_filter"
+
+
+def test_stream_upstream_error_is_reported_in_band(guard):
+    up = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(503)), base_url="http://u/v1")
+    app = create_app(allow_all(guard), ServeSettings(upstream_url="http://u/v1"), upstream=up)
+    evts = events(TestClient(app).post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}))
+    assert "HTTP 503" in evts[0]["error"]["message"] and evts[-1] == "[DONE]"

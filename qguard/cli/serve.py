@@ -20,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--api-keys-env", default="QGUARD_API_KEYS",
                    help="environment variable with comma-separated client API keys; unset = no auth")
     p.add_argument("--refusal", default=None, help="text returned in place of blocked content")
-    p.add_argument("--max-concurrency", type=int, default=16)
+    p.add_argument("--max-concurrency", type=int, default=16, help="requests in flight (and live stream sessions)")
+    p.add_argument("--max-context", type=int, default=4096, help="tokens per live-moderated stream")
     p.add_argument("--log-content", action="store_true", help="log message text (off by default: privacy)")
     p.set_defaults(func=run_serve)
 
@@ -38,7 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         api_keys=frozenset(k.strip() for k in keys.split(",") if k.strip()) if keys else None,
         upstream_url=args.upstream, upstream_api_key=os.environ.get(args.upstream_key_env),
-        max_concurrency=args.max_concurrency, log_content=args.log_content,
+        max_concurrency=args.max_concurrency, max_context=args.max_context, log_content=args.log_content,
         **({"refusal_message": args.refusal} if args.refusal else {}),
     )
     uvicorn.run(create_app(load_guard(args), settings), host=args.host, port=args.port, log_level="info")

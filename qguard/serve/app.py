@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from qguard.checkpoint import Kind
 from qguard.errors import QGuardError
 from qguard.guard import Guard
 from qguard.policy import Mode, Policy, Verdict
@@ -32,8 +33,8 @@ from qguard.serve.models import (
     GuardInfo,
     ModerateRequest,
     ModerateResponse,
-    VerdictModel,
     completion_body,
+    verdict_model,
 )
 
 log = logging.getLogger("qguard.serve")
@@ -48,12 +49,9 @@ class ServeSettings:
     upstream_api_key: str | None = None
     refusal_message: str = DEFAULT_REFUSAL
     max_concurrency: int = 16  # requests in flight; more get 429 instead of queueing without bound
+    max_context: int = 4096  # tokens per live-moderated stream (prompt + answer); bounds KV memory
     upstream_timeout_s: float = 120.0
     log_content: bool = False
-
-
-def verdict_model(v: Verdict) -> VerdictModel:
-    return VerdictModel(**{k: v for k, v in v.to_dict().items() if k in VerdictModel.model_fields})
 
 
 class GuardRunner:
@@ -124,6 +122,15 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, upstream: ht
             log.info("moderate content=%r", req.messages[-1].content)
         return ModerateResponse(model=guard.name, verdict=verdict_model(v))
 
+    live = None
+
+    def stream_guard():
+        """One live-moderation engine for all streaming requests (Stream guards only), made on first use."""
+        nonlocal live
+        if live is None and guard.kind is Kind.STREAM:
+            live = guard.stream_guard(max_sessions=settings.max_concurrency, max_context=settings.max_context)
+        return live
+
     def upstream_client() -> httpx.AsyncClient:
         nonlocal client
         if settings.upstream_url is None:
@@ -150,7 +157,7 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, upstream: ht
         if req.stream:
             from qguard.serve.stream_proxy import proxy_stream
 
-            return StreamingResponse(proxy_stream(http, body, messages, runner, prompt_v, settings),
+            return StreamingResponse(proxy_stream(http, body, messages, runner, stream_guard(), prompt_v, settings),
                                      media_type="text/event-stream")
         return await proxy_once(http, body, messages, runner, prompt_v, settings)
 
@@ -188,15 +195,12 @@ async def proxy_once(http, body, messages, runner: GuardRunner, prompt_v: Verdic
     return {**data, "qguard": info.model_dump(exclude_none=True)}
 
 
-def sse(obj: dict[str, Any] | str) -> bytes:
-    import json
-
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-
 
 async def refusal_events(model: str, text: str, info: GuardInfo) -> AsyncIterator[bytes]:
     chunk = {"id": "chatcmpl-qguard", "object": "chat.completion.chunk", "created": 0, "model": model,
              "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": "content_filter"}],
              "qguard": info.model_dump(exclude_none=True)}
+    from qguard.serve.stream_proxy import sse
+
     yield sse(chunk)
     yield sse("[DONE]")

@@ -34,6 +34,11 @@ class VerdictModel(BaseModel):
     error: str | None = None
 
 
+def verdict_model(v) -> VerdictModel:
+    """A qguard.policy.Verdict as its HTTP body."""
+    return VerdictModel(**{k: x for k, x in v.to_dict().items() if k in VerdictModel.model_fields})
+
+
 class ModerateResponse(BaseModel):
     model: str
     verdict: VerdictModel
