@@ -135,7 +135,8 @@ def median(xs: list[float]) -> float:
 
 
 def bench_qguard(model, labels, tok, ctx: int, concurrency: list[int], steps: int, max_kv_gib: float,
-                 hf_kv: HFKVStepper, device, log) -> tuple[dict[int, tuple[float, float] | str], float]:
+                 hf_kv: HFKVStepper, device, log, static_decode: bool | None = None,
+                 ) -> tuple[dict[int, tuple[float, float] | str], float]:
     """({concurrency: (seconds per step, tokens/s)} or a reason it was skipped, DynamicCache s/token).
 
     One prompt of ctx tokens is prefilled once; each concurrency forks that many sessions from it (a KV
@@ -158,7 +159,7 @@ def bench_qguard(model, labels, tok, ctx: int, concurrency: list[int], steps: in
             log(f"qguard ctx={ctx} c={c}: {results[c]}")
     rng = random.Random(3)
     sg = StreamGuard(model, tok, labels, max_sessions=max(fits, default=1) + 1, max_context=max_context,
-                     prefill_chunk=512)
+                     prefill_chunk=512, static_decode=static_decode)
     base = sg.open(prompt_text(tok, ctx))
     if ctx > base.length:  # pad the conversation to exactly ctx tokens with answer tokens
         base.push([rng.randrange(100, 150000) for _ in range(ctx - base.length)])
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (CPU default 1: on a shared machine, spinning worker threads of every "
                          "method lose far more to contention than they gain)")
+    ap.add_argument("--static-decode", default="auto", choices=["auto", "on", "off", "both"],
+                    help="one-token steps as static-shape steps (CUDA graphs on GPU); auto = on for CUDA; "
+                         "both = time the eager and the static engine in the same run")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -254,19 +258,27 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
 
     rows, official, hf_kv, qg = [], {}, {}, {}
+    extra: dict[str, dict[int, dict]] = {}
+    static_flag = {"auto": None, "on": True, "off": False}.get(args.static_decode)
+    variants = ([("qguard StreamGuard (eager)", False), ("qguard StreamGuard (static/CUDA graphs)", True)]
+                if args.static_decode == "both" else [("qguard StreamGuard", static_flag)])
     for ctx in args.contexts:
         prompt = [random.Random(ctx).randrange(100, 150000) for _ in range(ctx)]
         official[ctx] = bench_official(model, hf, prompt, n_official, device)
         log(f"official ctx={ctx}: {official[ctx] * 1e3:.1f} ms/token")
         stepper = HFKVStepper(model, hf, prompt, device)
-        qg[ctx], hf_kv[ctx] = bench_qguard(model, labels, tok, ctx, args.concurrency, steps, max_kv, stepper,
-                                           device, log)
-        log(f"hf_kv ctx={ctx}: {hf_kv[ctx] * 1e3:.1f} ms/token")
-        del stepper
         rows.append(("official loop (full forward/token)", ctx, 1, official[ctx] * 1e3, 1 / official[ctx]))
-        rows.append(("transformers DynamicCache", ctx, 1, hf_kv[ctx] * 1e3, 1 / hf_kv[ctx]))
-        for c, r in qg[ctx].items():
-            rows.append(("qguard StreamGuard", ctx, c, *((r[0] * 1e3, r[1]) if isinstance(r, tuple) else (None, None))))
+        for name, static in variants:
+            res, hf_t = bench_qguard(model, labels, tok, ctx, args.concurrency, steps, max_kv, stepper,
+                                     device, log, static)
+            if static is None or static == (device.type == "cuda"):  # the default engine: the headline
+                qg[ctx], hf_kv[ctx] = res, hf_t
+            extra.setdefault(name, {})[ctx] = res
+            for c, r in res.items():
+                rows.append((name, ctx, c, *((r[0] * 1e3, r[1]) if isinstance(r, tuple) else (None, None))))
+        log(f"hf_kv ctx={ctx}: {hf_kv[ctx] * 1e3:.1f} ms/token")
+        rows.insert(len(rows) - sum(len(extra[n][ctx]) for n, _ in variants), ("transformers DynamicCache", ctx, 1, hf_kv[ctx] * 1e3, 1 / hf_kv[ctx]))
+        del stepper
     diff = parity(model, labels, tok)
 
     print(f"\nStream moderation, preset {args.preset}, {device} ({machine}), {str(dtype).removeprefix('torch.')}")
@@ -288,6 +300,12 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s": {str(c): {str(ctx): round(qg[ctx][c][1], 1) for ctx in qg if isinstance(qg[ctx].get(c), tuple)}
                          for c in args.concurrency},
         "parity_max_abs_diff": diff,
+        **({"tokens_per_s_by_variant": {
+            name: {str(c): {str(ctx): round(r[c][1], 1) for ctx, r in per_ctx.items() if isinstance(r.get(c), tuple)}
+                   for c in args.concurrency} for name, per_ctx in extra.items()},
+            "b1_ms_by_variant": {name: {str(ctx): round(r[1][0] * 1e3, 3) for ctx, r in per_ctx.items()
+                                        if isinstance(r.get(1), tuple)} for name, per_ctx in extra.items()}}
+           if len(variants) > 1 else {}),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     print(json.dumps(summary))

@@ -48,10 +48,13 @@ def max_diff(a: HeadProbs, ref, start: int, end: int) -> float:
 # ----------------------------------------------------------------------------------------- engine parity
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_engine_matches_full_forward_for_mixed_sessions_and_chunkings(loaded, seed):
+@pytest.mark.parametrize("static_decode", [False, True])
+def test_engine_matches_full_forward_for_mixed_sessions_and_chunkings(loaded, seed, static_decode):
+    """static_decode: one-token steps take the static-shape path that CUDA graphs capture on GPU."""
     model = loaded[0]
     rng = random.Random(seed)
-    eng = StreamEngine(model, max_sessions=6, max_context=200, prefill_chunk=rng.choice([3, 8, 64]))
+    eng = StreamEngine(model, max_sessions=6, max_context=200, prefill_chunk=rng.choice([3, 8, 64]),
+                       static_decode=static_decode)
     seqs: dict[int, list[int]] = {}
     outs: dict[int, list[HeadProbs]] = {}
     done: list[tuple[list[int], HeadProbs]] = []
@@ -80,6 +83,7 @@ def test_engine_matches_full_forward_for_mixed_sessions_and_chunkings(loaded, se
         assert len(hp) == len(seq)
         assert max_diff(hp, ref, 0, len(seq)) < TOL
     assert eng.stats.tokens == sum(len(s) for s, _ in done)
+    assert bool(eng.graphs and eng.graphs.buckets) == static_decode  # the static path really ran
 
 
 def test_batched_step_is_one_forward_and_uses_gather_for_sparse_slots(loaded):

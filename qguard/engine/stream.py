@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qguard.engine.graphs import DecodeGraphs
 from qguard.engine.kvcache import SlotCache, StepPlan
 from qguard.errors import CapacityError, InputError
 from qguard.model.stream import StreamGuardModel
@@ -75,7 +76,9 @@ class StreamEngine:
     """
 
     def __init__(self, model: StreamGuardModel, max_sessions: int = 8, max_context: int = 2048,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, static_decode: bool | None = None):
+        """`static_decode`: run one-token-per-session steps as static-shape steps, captured as CUDA graphs
+        on GPU (`qguard.engine.graphs`). Default: on for CUDA devices, off elsewhere."""
         cfg = model.config
         if max_sessions < 1:
             raise InputError(f"max_sessions must be at least 1, got {max_sessions}")
@@ -97,6 +100,12 @@ class StreamEngine:
                                     cfg.head_dim, self.dtype)
             raise CapacityError(f"cannot allocate the KV cache for {max_sessions} sessions x {max_context} tokens "
                                 f"({need / 2**30:.1f} GiB): lower max_sessions or max_context ({e})") from None
+        if static_decode is None:
+            static_decode = self.device.type == "cuda"
+        self.graphs = (DecodeGraphs(model, self.cache, max_sessions, capture=self.device.type == "cuda")
+                       if static_decode else None)
+        hc = model.head_config
+        self.head_sizes = [hc.num_risk_level, hc.num_category, hc.num_query_risk_level, hc.num_query_category]
         self.slots: dict[int, _Slot] = {}
         self.free_slots = list(range(max_sessions))
         self.released: deque[int] = deque()  # slots dropped by garbage collection, freed at the next call
@@ -200,7 +209,10 @@ class StreamEngine:
             for slot, n in rows:
                 groups.setdefault(min(1 << (n - 1).bit_length(), self.prefill_chunk), []).append((slot, n))
             for T, group in groups.items():
-                self._forward(group, T)
+                if T == 1 and self.graphs is not None:
+                    self._static_forward(group)
+                else:
+                    self._forward(group, T)
             self.stats.steps += 1
             return True
 
@@ -229,7 +241,16 @@ class StreamEngine:
         logits = (o.risk_logits, o.category_logits, o.query_risk_logits, o.query_category_logits)
         # one device->host copy for the whole batch, then split per head and per session on the CPU
         packed = torch.cat([x.float().softmax(-1) for x in logits], dim=-1).cpu()
-        probs = packed.split([x.shape[-1] for x in logits], dim=-1)
+        self._deliver(group, packed, B * T)
+
+    def _static_forward(self, group: list[tuple[int, int]]) -> None:
+        rows = [(slot, self.slots[slot].pending[0], self.slots[slot].length) for slot, _ in group]
+        packed = self.graphs.run(rows)
+        self._deliver(group, packed, self.graphs.bucket_size(max(slot for slot, _ in group)))
+
+    def _deliver(self, group: list[tuple[int, int]], packed: torch.Tensor, padded: int) -> None:
+        """Hand each session its rows of the packed head probabilities and advance its cache length."""
+        probs = packed.split(self.head_sizes, dim=-1)
         start = 0
         for slot, n in group:
             s = self.slots[slot]
@@ -239,4 +260,4 @@ class StreamEngine:
             start += n
         self.stats.forwards += 1
         self.stats.tokens += start
-        self.stats.padded_tokens += B * T
+        self.stats.padded_tokens += padded
