@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from qguard.engine.scoring import TokenScores, argmax_label, probs_dict, score_s
 from qguard.errors import InputError
 from qguard.policy import DebounceRule, Mode, Policy, Severity, Verdict, debounce
 from qguard.tokenizer import Message, StreamLayout, check_messages, load_tokenizer, stream_layout
+
+if TYPE_CHECKING:
+    from qguard.stream import StreamGuard, StreamSession
 
 Conversation = str | Sequence[Message]
 
@@ -133,6 +137,37 @@ class Guard:
         msgs = check_messages(messages)
         return self._classify([msgs])[0]
 
+    def classify_conversations(self, convs: Sequence[Sequence[Message]], *,
+                               return_errors: bool = False) -> list[Verdict | InputError]:
+        """Moderate the last message of each conversation, batched (Gen: prefix-cached engine).
+
+        With `return_errors`, a conversation that cannot be moderated (bad roles, non-text content, too
+        long) yields its InputError in its place instead of failing the whole batch (dataset annotation).
+        """
+        if not return_errors:
+            return self._classify([check_messages(c) for c in convs])
+        out: list[Verdict | InputError | None] = [None] * len(convs)
+        ok: list[int] = []
+        reqs = []
+        for i, c in enumerate(convs):
+            try:
+                msgs = check_messages(c)
+                if self.kind is Kind.GEN:
+                    reqs.append(self.gen.prepare(msgs))
+                else:
+                    self._layout(msgs)
+                    reqs.append(msgs)
+                ok.append(i)
+            except InputError as e:
+                out[i] = e
+        if self.kind is Kind.GEN:
+            verdicts = [self._gen_verdict(r) for r in self.gen.run(reqs)]
+        else:
+            verdicts = self._classify(reqs)
+        for i, v in zip(ok, verdicts):
+            out[i] = v
+        return out  # type: ignore[return-value]
+
     # -------------------------------------------------------------------------------------- internals
 
     def _classify(self, convs: list[list[Message]]) -> list[Verdict]:
@@ -184,6 +219,22 @@ class Guard:
         return self.policy.verdict(label, cats, probs=severity_probs(s.risk[at], L.risk),
                                    category_probs=probs_dict(s.category[at], L.category),
                                    unsafe_position=pos, n_tokens=len(lay.ids))
+
+    def stream_guard(self, **kw) -> StreamGuard:
+        """A new live-moderation engine on this Stream model (kw: max_sessions, max_context, ...)."""
+        if self.kind is not Kind.STREAM:
+            raise InputError("live stream moderation needs a Qwen3Guard-Stream checkpoint; this is a Gen model")
+        from qguard.stream import StreamGuard
+
+        kw.setdefault("policy", self.policy)
+        kw.setdefault("debounce", self.debounce_rule)
+        return StreamGuard(self.model, self.tokenizer, self.labels, **kw)
+
+    def open_stream(self, messages: Conversation, **kw) -> StreamSession:
+        """Open a live moderation session (see `qguard.stream`) on this Guard's shared stream engine."""
+        if getattr(self, "_stream_guard", None) is None:
+            self._stream_guard = self.stream_guard()
+        return self._stream_guard.open(messages, **kw)
 
     def stream_trace(self, prompt: Conversation, response: str | None = None) -> StreamTrace:
         """Per-token verdicts over a finished response (Stream checkpoints only)."""

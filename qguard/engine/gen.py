@@ -350,19 +350,24 @@ class GenEngine:
         hidden = self.model.model(ids.to(self.device), pos.to(self.device), cache)
         cache.commit()
         base = cache.length - n
-        # logits only where a prediction is read: the last fed token and every draft token
-        starts = [max(0, len(f) - 1) for f in feeds]
-        width = max(1, max(len(d) + 1 for d in drafts))
-        idx = torch.tensor([[min(st + j, n - 1) for j in range(width)] for st in starts], device=self.device)
-        h = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.model.lm_head(h).float()  # [B, width, vocab]
+        # logits only where a prediction is read (the last fed token and each draft token), no padding:
+        # the lm_head is a quarter of the 0.6B model's weights, so it is applied to exactly these rows
+        spans, bi, pi = [], [], []
+        for b, (r, f, d) in enumerate(zip(rows, feeds, drafts)):
+            spans.append(len(bi))
+            if not r.done:
+                bi += [b] * (len(d) + 1)
+                pi += range(len(f) - 1, len(f) + len(d))
+        logits = self.model.lm_head(hidden[torch.tensor(bi, device=self.device),
+                                           torch.tensor(pi, device=self.device)]).float()  # [N, vocab]
         top = logits.argmax(-1).tolist()
         for b, r in enumerate(rows):
             if r.done:
                 continue
+            a = spans[b]
             if severity:  # the label position after the forced "Safety:", whether greedy keeps it or not
-                r.sev_logits = logits[b, 2] if len(drafts[b]) == 2 else self._forced_severity_logits(r)
-            accepted = self._verify(r, drafts[b], top[b], logits[b])
+                r.sev_logits = logits[a + 2] if len(drafts[b]) == 2 else self._forced_severity_logits(r)
+            accepted = self._verify(r, drafts[b], top[a:], logits[a:])
             # keep the fed tokens and accepted drafts; rejected draft columns become invisible
             kept = len(feeds[b]) + accepted
             cache.valid[b, base + kept : base + n] = False
@@ -431,7 +436,7 @@ def reference_greedy(model: GenGuardModel, ids: list[int], max_new_tokens: int) 
     pos = torch.arange(len(ids), device=device)[None]
     out: list[int] = []
     for _ in range(max_new_tokens):
-        nxt = int(model(x, pos, cache)[0, -1].argmax())
+        nxt = int(model.lm_head(model.model(x, pos, cache)[:, -1])[0].argmax())
         if nxt in STOP:
             break
         out.append(nxt)

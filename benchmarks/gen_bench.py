@@ -1,0 +1,272 @@
+"""Gen classification throughput: official-style HF `generate` batch 1, batched HF `generate`, and qguard.
+
+    python benchmarks/gen_bench.py --preset tiny     # quick (well under a minute on 2 CPU cores)
+    python benchmarks/gen_bench.py                   # Qwen3Guard-Gen-0.6B architecture (minutes on CPU)
+
+All three run in one process on the same random weights in the exact architecture (same compute as the
+real model) and the same conversations: rows of ../shared/data/train (half prompt, half response rows,
+a fixed seeded sample, content capped at --max-content-tokens), or synthetic text when that folder is
+absent. Message content is never printed.
+- hf_b1: `Qwen3ForCausalLM.generate(do_sample=False)`, one conversation at a time (the official eval).
+- hf_batched: the same with left-padded batches of --batch-size in input order.
+- qguard: `GenEngine.classify` over all conversations (prefix cache, length buckets, draft verification).
+Every method decodes up to --max-new-tokens greedy tokens and stops at <|im_end|>/<|endoftext|>. Random
+weights never produce a well-formed answer, so all methods decode the full budget here: the qguard
+figure excludes its main decode saving on real checkpoints (a well-formed answer is verified in 2-3
+batched forwards instead of ~10-15 decode steps) and keeps the prefill savings (shared instruction
+header, no padding waste).
+Agreement: the fraction of conversations whose parsed result (severity, categories, refusal, or the
+parse error) equals hf_b1's; `token_agreement_with_generate` compares the raw answer tokens.
+The last line printed is a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config as HFQwen3Config
+from transformers import Qwen3ForCausalLM
+
+from qguard.engine.gen import GenEngine
+from qguard.model.gen import GenGuardModel, parse_answer
+from qguard.model.qwen3 import Qwen3Config
+from qguard.testing import gen_config
+from qguard.tokenizer import ENDOFTEXT, IM_END, encode, load_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
+PROMPT_FILES = ["benign_self_instruct.jsonl", "jbb_behaviors.jsonl", "coconot.jsonl", "benign_arena_hard.jsonl"]
+RESPONSE_FILES = ["gptfuzz_responses.jsonl", "jailbreakbench_responses.jsonl"]
+STOP = (IM_END, ENDOFTEXT)
+
+
+def build_models(preset: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """qguard's GenGuardModel and transformers' Qwen3ForCausalLM with the same random weights."""
+    cfg = gen_config(preset)
+    torch.manual_seed(seed)
+    ours = GenGuardModel(Qwen3Config.from_dict(cfg))
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.05 * torch.randn_like(p))
+    ours = ours.to(device=device, dtype=dtype).eval()
+    ours.model.rotary_emb.reset()
+    hf_cfg = HFQwen3Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})
+    hf = Qwen3ForCausalLM(hf_cfg)
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+    hf.tie_weights()
+    return ours, hf.to(device=device, dtype=dtype).eval()
+
+
+ANSWERS = {
+    "prompt": ["Safety: Safe\nCategories: None", "Safety: Unsafe\nCategories: Violent",
+               "Safety: Controversial\nCategories: Politically Sensitive Topics",
+               "Safety: Unsafe\nCategories: Non-violent Illegal Acts"],
+    "response": ["Safety: Safe\nCategories: None\nRefusal: No", "Safety: Safe\nCategories: None\nRefusal: Yes",
+                 "Safety: Unsafe\nCategories: Violent\nRefusal: No",
+                 "Safety: Controversial\nCategories: Unethical Acts\nRefusal: No"],
+}
+
+
+def fit_answer_head(ours: GenGuardModel, hf, tok, reqs, steps: int = 300) -> None:
+    """Give the random model well-formed answers, like a real Gen checkpoint's, on these conversations.
+
+    The decoder stays random; only the lm_head is replaced (untied): rows for the ~40 answer tokens are
+    fitted on the frozen decoder's hidden states so that greedy decoding of each benchmark conversation
+    yields one of several well-formed answers (varied labels); every other row is 0. Same weights in
+    both models, so agreement stays meaningful; the compute per token is unchanged.
+    """
+    answers = [encode(tok, ANSWERS[r.target][i // 2 % 4]) + [IM_END] for i, r in enumerate(reqs)]  # rows alternate targets
+    vocab = sorted({t for a in answers for t in a})
+    feats, targets = [], []
+    with torch.no_grad():
+        for r, a in zip(reqs, answers):
+            h = ours.model(torch.tensor([r.ids + a[:-1]], device=ours.lm_head.weight.device))[0]
+            feats.append(h[len(r.ids) - 1 :].float())
+            targets += [vocab.index(t) for t in a]
+    x, y = torch.cat(feats), torch.tensor(targets, device=feats[0].device)
+    w = torch.zeros(len(vocab), x.shape[1], device=x.device, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    for _ in range(steps):
+        logits = torch.cat([x @ w.T, x.new_zeros(len(x), 1)], 1)  # last column: every other token (0)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head = torch.zeros_like(ours.lm_head.weight)
+    head[torch.tensor(vocab, device=head.device)] = w.detach().to(head.dtype)
+    ours.lm_head.weight = torch.nn.Parameter(head.clone(), requires_grad=False)
+    hf.lm_head.weight = torch.nn.Parameter(head.clone(), requires_grad=False)
+    hf.config.tie_word_embeddings = False
+
+
+def load_conversations(tok, n: int, max_tokens: int, seed: int) -> tuple[list[list[dict]], str]:
+    rng = random.Random(seed)
+
+    def cap(text: str) -> str:
+        ids = encode(tok, text)
+        return tok.decode(ids[:max_tokens]) if len(ids) > max_tokens else text
+
+    if not DATA.is_dir():
+        words = "please explain how the system works and what happens next in this short story".split()
+        convs = []
+        for i in range(n):
+            conv = [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(8, 80)))}]
+            if i % 2:
+                conv.append({"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))})
+            convs.append(conv)
+        return convs, "synthetic"
+    pools = []
+    for files in (PROMPT_FILES, RESPONSE_FILES):
+        rows = []
+        for f in files:
+            p = DATA / f
+            if p.is_file():
+                rows += [json.loads(line)["messages"] for line in p.read_text("utf-8").splitlines() if line.strip()]
+        rng.shuffle(rows)
+        pools.append(rows)
+    convs = []
+    for i in range(n):
+        pool = pools[i % 2] or pools[0]
+        convs.append([{"role": m["role"], "content": cap(m["content"])} for m in pool[i // 2 % len(pool)]])
+    return convs, "shared/data/train (seeded sample)"
+
+
+def parsed(tok, ids: list[int], target: str):
+    try:
+        a = parse_answer(tok.decode(ids), target)
+        return (a.severity, a.categories, a.refusal)
+    except ValueError as e:
+        return ("error", str(e))
+
+
+@torch.inference_mode()
+def run_hf_b1(hf, prompts: list[list[int]], max_new: int, device) -> list[list[int]]:
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids], device=device)
+        g = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                        eos_token_id=list(STOP), pad_token_id=ENDOFTEXT)
+        out.append([t for t in g[0, len(ids):].tolist() if t not in STOP])
+    return out
+
+
+@torch.inference_mode()
+def run_hf_batched(hf, prompts: list[list[int]], max_new: int, batch: int, device) -> list[list[int]]:
+    out = []
+    for a in range(0, len(prompts), batch):
+        group = prompts[a : a + batch]
+        T = max(len(p) for p in group)
+        x = torch.full((len(group), T), ENDOFTEXT, dtype=torch.long)
+        mask = torch.zeros(len(group), T, dtype=torch.long)
+        for i, p in enumerate(group):  # left padding, as generate expects for decoder-only models
+            x[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = 1
+        g = hf.generate(x.to(device), attention_mask=mask.to(device), max_new_tokens=max_new, do_sample=False,
+                        eos_token_id=list(STOP), pad_token_id=ENDOFTEXT)
+        for row in g[:, T:].tolist():
+            ans = []
+            for t in row:
+                if t in STOP:
+                    break
+                ans.append(t)
+            out.append(ans)
+    return out
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    r = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return r, time.perf_counter() - t
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="0.6B", choices=["tiny", "0.6B"])
+    ap.add_argument("--n", type=int, default=None, help="conversations (default: 16 for 0.6B on CPU, else 64)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-content-tokens", type=int, default=128, help="cap on each message's tokens")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--answers", default="formatted", choices=["formatted", "random"],
+                    help="formatted: fit the lm_head so answers are well-formed (see fit_answer_head); "
+                         "random: untouched random weights (garbage answers, every method decodes the budget)")
+    args = ap.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    n = args.n or (16 if args.preset == "0.6B" and device.type == "cpu" else 64)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(None)
+    ours, hf = build_models(args.preset, dtype, device, args.seed)
+    engine = GenEngine(ours, tok, max_new_tokens=args.max_new_tokens, max_batch=args.batch_size)
+    convs, source = load_conversations(tok, n, args.max_content_tokens, args.seed)
+    reqs = [engine.prepare(c) for c in convs]
+    prompts = [r.ids for r in reqs]
+    if args.answers == "formatted":
+        fit_answer_head(ours, hf, tok, reqs)
+        engine = GenEngine(ours, tok, max_new_tokens=args.max_new_tokens, max_batch=args.batch_size)
+    engine.classify(convs[:2])  # warm-up (and the per-header prefix caches, computed once per process)
+    run_hf_b1(hf, prompts[:1], 2, device)
+
+    ref, t_b1 = timed(lambda: run_hf_b1(hf, prompts, args.max_new_tokens, device))
+    bat, t_bat = timed(lambda: run_hf_batched(hf, prompts, args.max_new_tokens, args.batch_size, device))
+    res, t_q = timed(lambda: engine.run(reqs))
+    ours_ids = [r.token_ids for r in res]
+
+    targets = [r.target for r in reqs]
+    agree = sum(parsed(tok, a, t) == parsed(tok, b, t) for a, b, t in zip(ours_ids, ref, targets)) / n
+    agree_bat = sum(parsed(tok, a, t) == parsed(tok, b, t) for a, b, t in zip(bat, ref, targets)) / n
+    tok_agree = sum(a == b for a, b in zip(ours_ids, ref)) / n
+    lens = [len(p) for p in prompts]
+    print(f"Gen classification, preset {args.preset}, {device.type} ({machine(device)}), {str(dtype)[6:]}")
+    print(f"{n} conversations from {source}: prompt tokens min {min(lens)} / mean {sum(lens) / n:.0f} / "
+          f"max {max(lens)}, header shared by qguard: {reqs[0].prefix_len} (prompt) tokens; "
+          f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}")
+    answers = [parsed(tok, a, t) for a, t in zip(ref, targets)]
+    print(f"answers ({args.answers}): {sum(a[0] != 'error' for a in answers)}/{n} well-formed, "
+          f"severities {sorted({str(a[0].value) for a in answers if a[0] != 'error'})}")
+    print(f"{'method':<28}{'seconds':>10}{'class/s':>10}")
+    for name, t in (("HF generate, batch 1", t_b1), ("HF generate, batched", t_bat), ("qguard GenEngine", t_q)):
+        print(f"{name:<28}{t:>10.2f}{n / t:>10.2f}")
+    print(json.dumps({
+        "preset": args.preset, "device": device.type, "machine": machine(device), "dtype": str(dtype)[6:],
+        "answers": args.answers, "n": n, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "mean_prompt_tokens": round(sum(lens) / n, 1),
+        "hf_b1_per_s": round(n / t_b1, 3), "hf_batched_per_s": round(n / t_bat, 3), "qguard_per_s": round(n / t_q, 3),
+        "speedup_vs_hf_b1": round(t_b1 / t_q, 2), "speedup_vs_hf_batched": round(t_bat / t_q, 2),
+        "label_agreement_with_generate": agree, "token_agreement_with_generate": tok_agree,
+        "hf_batched_label_agreement_with_b1": agree_bat, "wall_s": round(time.perf_counter() - t0, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Dataset annotation: read JSONL / CSV / Parquet rows, moderate them in batches, write rows + `guard`.
+
+Resumable by construction: results are appended, in input order, to `OUTPUT.partial.jsonl` (one line
+per input row, flushed and fsynced per batch) after a header line describing the run. Re-running the
+same command after a crash or a hard kill reads the partial file, drops a torn last line, and
+continues at the first row without a result; the final OUTPUT (JSONL, CSV or Parquet, by extension)
+and `OUTPUT.errors.jsonl` are only written, atomically, once every row has its line. So the output
+holds every input row exactly once, in input order (with `filter`, exactly the matching ones).
+
+Bad rows (missing fields, non-text content, unreadable lines, conversations that are too long) are
+never dropped silently: they are listed with their 1-based row number and the reason in the errors
+file and counted in the summary; without `filter` they also stay in the output, with `guard.error`.
+Message content is never logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from qguard.errors import InputError
+from qguard.policy import Mode, Policy, Severity, Verdict
+
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+PARTIAL_VERSION = 1
+
+
+class Classifier(Protocol):
+    """What annotation needs from a backend (`Guard`, `qguard.backends.vllm.VLLMGenBackend`)."""
+
+    name: str
+
+    def classify_conversations(self, convs: Sequence[Sequence[dict]], *,
+                               return_errors: bool = False) -> list[Verdict | InputError]: ...
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Where a row's conversation is. Default: the shared data schema's `messages` list.
+
+    With `prompt_field`, the conversation is one user turn (plus an assistant turn from
+    `response_field` when given); otherwise `messages_field` holds a list of {role, content}.
+    """
+
+    messages_field: str = "messages"
+    prompt_field: str | None = None
+    response_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.response_field and not self.prompt_field:
+            raise InputError("--response-field needs --prompt-field")
+
+    def conversation(self, row: Any) -> list[dict]:
+        """The row's conversation; raises InputError naming the field (never the content)."""
+        if not isinstance(row, dict):
+            raise InputError(f"row is a JSON {type(row).__name__}, not an object")
+        if self.prompt_field:
+            msgs = [{"role": "user", "content": _text(row, self.prompt_field)}]
+            if self.response_field:
+                msgs.append({"role": "assistant", "content": _text(row, self.response_field)})
+            return msgs
+        if self.messages_field not in row or row[self.messages_field] is None:
+            raise InputError(f"missing field {self.messages_field!r}")
+        msgs = row[self.messages_field]
+        if isinstance(msgs, str):  # CSV cells carry the list as JSON text
+            try:
+                msgs = json.loads(msgs)
+            except ValueError:
+                raise InputError(f"field {self.messages_field!r} is text but not a JSON list of messages") from None
+        if not isinstance(msgs, list) or not msgs:
+            raise InputError(f"field {self.messages_field!r} must be a non-empty list of {{role, content}}")
+        return msgs
+
+
+def _text(row: dict, name: str) -> str:
+    if name not in row or row[name] is None:
+        raise InputError(f"missing field {name!r}")
+    v = row[name]
+    if not isinstance(v, str):
+        raise InputError(f"field {name!r} must be text, got {type(v).__name__}")
+    if not v.strip():
+        raise InputError(f"field {name!r} is empty")
+    return v
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def file_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .csv or .parquet")
+    return fmt
+
+
+def count_rows(path: Path) -> int:
+    fmt = file_format(path)
+    if fmt == "parquet":
+        return _parquet(path).metadata.num_rows
+    if fmt == "csv":
+        return sum(1 for _ in _csv_rows(path))
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def read_rows(path: Path, skip: int = 0) -> Iterator[tuple[Any, str | None]]:
+    """(row, error) for every row after the first `skip`; error is set when a row cannot be read."""
+    fmt = file_format(path)
+    it = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt](path)
+    for i, item in enumerate(it):
+        if i >= skip:
+            yield item
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
+    with path.open("rb") as f:
+        for line in f:
+            if not line.strip():
+                continue  # blank lines are not rows (count_rows skips them too)
+            try:
+                yield json.loads(line.decode("utf-8")), None
+            except UnicodeDecodeError:
+                yield None, "line is not UTF-8"
+            except ValueError as e:
+                yield None, f"line is not valid JSON ({e.msg})"
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
+    csv.field_size_limit(sys.maxsize)
+    with path.open(newline="", encoding="utf-8", errors="strict") as f:
+        try:
+            for row in csv.DictReader(f):
+                yield row, None
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text") from None
+
+
+def _parquet(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("Parquet needs pyarrow: pip install 'qguard[data]'") from None
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
+    for batch in _parquet(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield row, None
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+def binary(v: Verdict, mode: Mode) -> Severity:
+    """Safe/Unsafe under `mode` (an unreadable model answer is never Safe)."""
+    return Severity.UNSAFE if v.error else Policy(mode=mode).binary(v.label)
+
+
+def guard_object(v: Verdict, model: str, mode: Mode) -> dict[str, Any]:
+    g: dict[str, Any] = {
+        "label": v.label.value,
+        "binary": binary(v, mode).value,
+        "mode": mode.value,
+        "categories": [c.value for c in v.categories],
+        "refusal": v.refusal,
+        "probs": {k: (v.probs or {}).get(k) for k in ("Safe", "Unsafe", "Controversial")},
+        "model": model,
+    }
+    if v.error:
+        g["error"] = v.error
+    return g
+
+
+def matches(v: Verdict | None, want: str | None, mode: Mode) -> bool:
+    if want is None:
+        return True
+    if v is None:
+        return False
+    return binary(v, mode) is (Severity.SAFE if want == "safe" else Severity.UNSAFE)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_output(path: Path, rows: list[dict]) -> None:
+    fmt = file_format(path)
+    if fmt == "jsonl":
+        _atomic_write(path, lambda p: p.write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8"))
+    elif fmt == "csv":
+        _atomic_write(path, lambda p: _write_csv(p, rows))
+    else:
+        _atomic_write(path, lambda p: _write_parquet(p, rows))
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(cols))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)
+                        for k, v in r.items()})
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("Parquet needs pyarrow: pip install 'qguard[data]'") from None
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(r))
+    arrays = {}
+    for c in cols:
+        values = [r.get(c) for r in rows]
+        try:  # each column inferred from all its values (from_pylist would use the first row only)
+            arrays[c] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # mixed types (e.g. a bad row's number where others have text): keep every value, as JSON text
+            arrays[c] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                                  for v in values], pa.string())
+    pq.write_table(pa.Table.from_pydict(arrays), path)
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+@dataclass
+class RunConfig:
+    """Everything that must be equal for a re-run to continue a partial one."""
+
+    input: str
+    output: str
+    model: str
+    mode: str
+    filter: str | None
+    fields: dict[str, Any]
+    input_size: int
+    version: int = PARTIAL_VERSION
+
+
+@dataclass
+class Summary:
+    rows: int = 0
+    written: int = 0
+    errors: int = 0
+    resumed_from: int = 0
+    labels: dict[str, int] = field(default_factory=dict)
+    error_rows: list[int] = field(default_factory=list)  # first few, for the message
+    output: str = ""
+    errors_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def partial_path(output: Path) -> Path:
+    return output.with_name(output.name + ".partial.jsonl")
+
+
+def errors_path(output: Path) -> Path:
+    return output.with_name(output.name + ".errors.jsonl")
+
+
+def _open_partial(path: Path, cfg: RunConfig, restart: bool) -> int:
+    """Rows already done in a partial file of the same run (0 for a new run); repairs a torn tail."""
+    if restart or not path.exists():
+        path.write_text(json.dumps({"qguard_annotate": asdict(cfg)}) + "\n", "utf-8")
+        return 0
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):  # a hard kill mid-write: the last line is incomplete, drop it
+        data = data[: data.rfind(b"\n") + 1]
+        with path.open("r+b") as f:
+            f.truncate(len(data))
+    lines = data.splitlines()
+    try:
+        header = json.loads(lines[0])["qguard_annotate"]
+    except (IndexError, ValueError, KeyError, TypeError):
+        raise InputError(f"{path} is not a qguard partial file; delete it or pass --restart") from None
+    if header != asdict(cfg):
+        diff = sorted(k for k in header.keys() | asdict(cfg).keys() if header.get(k) != asdict(cfg).get(k))
+        raise InputError(f"{path} belongs to a different run (differs in: {', '.join(diff)}); "
+                         "re-run the same command to continue it, or pass --restart to start over")
+    return len(lines) - 1
+
+
+def annotate(classifier: Classifier, input: str | Path, output: str | Path, *, fields: FieldMap = FieldMap(),
+             mode: Mode | str = Mode.STRICT, filter: str | None = None, batch_size: int = 64,
+             restart: bool = False, progress: bool = True) -> Summary:
+    """Annotate every row of `input` into `output` (see the module docstring)."""
+    inp, out = Path(input), Path(output)
+    if not inp.is_file():
+        raise InputError(f"no such input file: {inp}")
+    file_format(inp), file_format(out)
+    if filter not in (None, "safe", "unsafe"):
+        raise InputError("--filter must be safe or unsafe")
+    if inp.resolve() == out.resolve():
+        raise InputError("OUTPUT must differ from INPUT")
+    cfg = RunConfig(str(inp.resolve()), str(out.resolve()), classifier.name, Mode(mode).value, filter,
+                    asdict(fields), inp.stat().st_size)
+    part = partial_path(out)
+    done = _open_partial(part, cfg, restart)
+    total = count_rows(inp)
+    if done > total:
+        raise InputError(f"{part} has more rows ({done}) than {inp} ({total}); pass --restart")
+    _process(classifier, inp, part, fields, filter, Mode(mode), done, total, batch_size, progress)
+    return _finalize(part, out, filter, done, total)
+
+
+def _process(classifier, inp: Path, part: Path, fields: FieldMap, filter: str | None, mode: Mode, done: int,
+             total: int, batch_size: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=done, unit="row", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    with part.open("a", encoding="utf-8") as f:
+        batch: list[tuple[int, Any, str | None]] = []
+        for n, (row, err) in enumerate(read_rows(inp, skip=done), start=done + 1):
+            batch.append((n, row, err))
+            if len(batch) >= batch_size:
+                _write_batch(f, classifier, batch, fields, filter, mode)
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            _write_batch(f, classifier, batch, fields, filter, mode)
+            bar.update(len(batch))
+    bar.close()
+
+
+def _write_batch(f, classifier: Classifier, batch: list[tuple[int, Any, str | None]], fields: FieldMap,
+                 filter: str | None, mode: Mode) -> None:
+    convs, where, errors = [], [], {}
+    for j, (_n, row, err) in enumerate(batch):
+        if err is None:
+            try:
+                convs.append(fields.conversation(row))
+                where.append(j)
+                continue
+            except InputError as e:
+                err = str(e)
+        errors[j] = err
+    verdicts: dict[int, Verdict] = {}
+    for j, v in zip(where, classifier.classify_conversations(convs, return_errors=True) if convs else []):
+        if isinstance(v, Exception):
+            errors[j] = str(v)
+        else:
+            verdicts[j] = v
+    lines = []
+    for j, (n, row, _) in enumerate(batch):
+        v = verdicts.get(j)
+        record = dict(row) if isinstance(row, dict) else {"_unreadable_row": n}
+        record["guard"] = guard_object(v, classifier.name, mode) if v is not None else {"error": errors[j]}
+        lines.append(json.dumps({"row": n, "keep": matches(v, filter, mode),
+                                 "error": errors.get(j), "record": record}, ensure_ascii=False, default=str))
+    f.write("".join(line + "\n" for line in lines))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _finalize(part: Path, out: Path, filter: str | None, done: int, total: int) -> Summary:
+    rows, errs = [], []
+    s = Summary(rows=total, resumed_from=done, output=str(out))
+    n = 0
+    with part.open(encoding="utf-8") as f:
+        next(f)
+        for n, line in enumerate(f, start=1):
+            item = json.loads(line)
+            if item["row"] != n:
+                raise InputError(f"{part} is out of order at row {n}; pass --restart")
+            if item["error"] is not None:
+                errs.append({"row": n, "error": item["error"]})
+            else:
+                label = item["record"]["guard"]["label"]
+                s.labels[label] = s.labels.get(label, 0) + 1
+            if item["keep"]:
+                rows.append(item["record"])
+        if n != total:
+            raise InputError(f"{part} holds {n} rows but {str(out)!r}'s input has {total}; pass --restart")
+    try:
+        write_output(out, rows)
+    except Exception as e:  # the results stay safe in the partial file: say so instead of a traceback
+        raise InputError(f"could not write {out} ({type(e).__name__}: {e}); every result is kept in {part}: "
+                         "fix the problem and re-run the same command to write it") from None
+    ep = errors_path(out)
+    if errs:
+        _atomic_write(ep, lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in errs), "utf-8"))
+        s.errors_file = str(ep)
+    elif ep.exists():
+        ep.unlink()
+    s.written, s.errors, s.error_rows = len(rows), len(errs), [e["row"] for e in errs[:20]]
+    part.unlink()
+    return s

@@ -1,0 +1,143 @@
+"""Qwen3Guard-Gen on vLLM: greedy answers with automatic prefix caching and logprobs.
+
+Written against vLLM's documented offline API (`vllm.LLM(model, enable_prefix_caching=True, ...)`,
+`vllm.SamplingParams(temperature=0, max_tokens=..., logprobs=k, stop_token_ids=...)`,
+`LLM.generate([{"prompt_token_ids": ids}, ...], params)` returning `RequestOutput`s whose
+`.outputs[0]` has `.text`, `.token_ids` and `.logprobs` (one {token_id: Logprob(logprob=...)} dict per
+generated token)). vLLM cannot be installed on the machines this was written on (no GPU): the tests
+run this code against a fake object implementing exactly that documented interface, not a real vLLM.
+
+Prompts are rendered and tokenized by qguard (byte-exact guard template), so vLLM sees the same ids as
+the torch engine; the fixed instruction header is the same for every request of a moderation target,
+which is what vLLM's prefix cache reuses. Answers are parsed with the same strict parser.
+
+Probabilities: vLLM returns only the top-k logprobs per position (k = `logprobs`, vLLM's default cap
+is 20). Severity / category / refusal probabilities are the softmax over the label tokens found in
+the top-k at the label position (a label token outside the top-k counts as probability 0), so they
+can differ slightly from the torch engine's full-vocabulary ones; labels do not depend on them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from qguard.engine.gen import CATEGORIES_PREFIX, NO, REFUSAL_PREFIX, YES, _find, first_token_ids
+from qguard.errors import InputError, QGuardError
+from qguard.model.gen import (
+    COLON,
+    SAFETY,
+    SEVERITY_FIRST_TOKEN,
+    ParseError,
+    moderation_target,
+    parse_answer,
+    render_with_tokenizer,
+)
+from qguard.policy import Category, Mode, Policy, Verdict
+from qguard.tokenizer import ENDOFTEXT, IM_END, Message, check_messages, encode
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise QGuardError("the vLLM backend needs vLLM on a GPU machine: pip install 'qguard[vllm]'") from None
+    return vllm
+
+
+class VLLMGenBackend:
+    """`classify_conversations` for Gen checkpoints, run by vLLM."""
+
+    def __init__(self, llm: Any, name: str, tokenizer: Any = None, policy: Policy | None = None,
+                 max_new_tokens: int = 32, logprobs: int = 20, max_model_len: int = 32768):
+        self.llm, self.name = llm, name
+        self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
+        self.policy = policy or Policy()
+        self.max_new_tokens, self.logprobs, self.max_model_len = max_new_tokens, logprobs, max_model_len
+        self.cat_first = first_token_ids(self.tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, name: str, *, mode: Mode | str = Mode.STRICT, max_new_tokens: int = 32,
+                        logprobs: int = 20, **llm_kwargs: Any) -> VLLMGenBackend:
+        """Start vLLM on `name` (hub id or directory) with prefix caching on; llm_kwargs go to vllm.LLM."""
+        vllm = _import_vllm()
+        llm_kwargs.setdefault("enable_prefix_caching", True)
+        llm = vllm.LLM(model=name, **llm_kwargs)
+        return cls(llm, name, policy=Policy(mode=Mode(mode)), max_new_tokens=max_new_tokens, logprobs=logprobs,
+                   max_model_len=llm_kwargs.get("max_model_len", 32768))
+
+    def sampling_params(self):
+        vllm = _import_vllm()
+        return vllm.SamplingParams(temperature=0, max_tokens=self.max_new_tokens, logprobs=self.logprobs,
+                                   stop_token_ids=[IM_END, ENDOFTEXT])
+
+    def prepare(self, messages: Sequence[Message]) -> tuple[list[int], str]:
+        messages = check_messages(messages)
+        ids = encode(self.tokenizer, render_with_tokenizer(self.tokenizer, messages))
+        if len(ids) + self.max_new_tokens > self.max_model_len:
+            raise InputError(f"conversation is {len(ids)} tokens; with {self.max_new_tokens} answer tokens it "
+                             f"exceeds the context of {self.max_model_len} tokens (qguard does not truncate)")
+        return ids, moderation_target(messages)
+
+    def classify_conversations(self, convs: Sequence[Sequence[Message]], *,
+                               return_errors: bool = False) -> list[Verdict | InputError]:
+        out: list[Verdict | InputError | None] = [None] * len(convs)
+        ok, prompts, targets = [], [], []
+        for i, c in enumerate(convs):
+            try:
+                ids, target = self.prepare(c)
+            except InputError as e:
+                if not return_errors:
+                    raise
+                out[i] = e
+                continue
+            ok.append(i)
+            prompts.append({"prompt_token_ids": ids})
+            targets.append((target, len(ids)))
+        if prompts:
+            results = self.llm.generate(prompts, self.sampling_params())
+            for i, r, (target, n) in zip(ok, results, targets):
+                out[i] = self.verdict(r.outputs[0], target, n)
+        return out  # type: ignore[return-value]
+
+    def verdict(self, completion: Any, target: str, n_tokens: int) -> Verdict:
+        ids = [t for t in completion.token_ids if t not in (IM_END, ENDOFTEXT)]
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        lps = completion.logprobs or []
+        sev = None
+        if ids[:2] == [SAFETY, COLON] and len(lps) > 2:
+            sev = _softmax_over(lps[2], {s.value: t for s, t in SEVERITY_FIRST_TOKEN.items()})
+        cat = ref = None
+        at = _find(ids, CATEGORIES_PREFIX)
+        if at is not None and at < len(lps):
+            cat = _softmax_over(lps[at], self.cat_first)
+            if target == "response" and cat is not None:
+                cat.pop(Category.JAILBREAK.value, None)
+        at = _find(ids, REFUSAL_PREFIX)
+        if target == "response" and at is not None and at < len(lps):
+            yn = _softmax_over(lps[at], {"Yes": YES, "No": NO})
+            ref = None if yn is None else yn["Yes"]
+        try:
+            a = parse_answer(text, target)
+        except ParseError as e:
+            return self.policy.error_verdict(f"unparseable guard answer: {e}", raw_output=text, probs=sev,
+                                             n_tokens=n_tokens)
+        return self.policy.verdict(a.severity, a.categories, refusal=a.refusal, probs=sev, category_probs=cat,
+                                   refusal_prob=ref, n_tokens=n_tokens)
+
+
+def _logprob(entry: Any) -> float:
+    return float(getattr(entry, "logprob", entry))  # Logprob objects (documented) or plain floats
+
+
+def _softmax_over(position: dict[int, Any] | None, names: dict[str, int]) -> dict[str, float] | None:
+    """Renormalised probabilities of `names` among the top-k logprobs of one position (absent: 0)."""
+    if not position:
+        return None
+    lp = {k: _logprob(position[t]) for k, t in names.items() if t in position}
+    if not lp:
+        return None
+    m = max(lp.values())
+    z = sum(math.exp(v - m) for v in lp.values())
+    return {k: (math.exp(lp[k] - m) / z if k in lp else 0.0) for k in names}

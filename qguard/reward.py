@@ -1,0 +1,156 @@
+"""Safety rewards for RL from a Qwen3Guard judge: guard-only and hybrid, plus a TRL reward function.
+
+The Qwen3Guard tech report (arXiv:2510.14276, Safety RL) trains Qwen3-4B with Qwen3Guard-Gen-4B as the
+judge, first with a guard-only reward (eq. 1), which drives the policy to refuse everything, then with
+a hybrid reward (eq. 2) that jointly (a) penalises unsafe responses, (b) applies a moderate penalty to
+unnecessary refusals, both judged by Qwen3Guard-Gen, and (c) otherwise rewards helpfulness as scored by
+a preference model (WorldPM-HelpSteer2 in the report; pluggable here).
+
+ASSUMPTIONS (stated because the exact equation text could not be retrieved while writing this; the
+structure above is what the Qwen3-4B-SafeRL model card and the report's prose verifiably say):
+- eq. (1): r = `safe_reward` (1) if the response is Safe under the mode, else `unsafe_reward` (0);
+- eq. (2): r = `unsafe_penalty` (-10) if the response is Unsafe; else `refusal_penalty` (-5) if the
+  response is a refusal to a prompt judged Safe ("unnecessary"); else the helpfulness score.
+  A refusal to an Unsafe prompt is not penalised. All constants are parameters.
+- "Unsafe" follows the policy mode: strict (default) counts Controversial as Unsafe, loose as Safe.
+  A guard answer that cannot be parsed counts as Unsafe (qguard never reads an error as Safe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from qguard.errors import InputError
+from qguard.policy import Mode, Policy, Severity, Verdict
+
+Conversation = str | Sequence[dict]
+
+
+class HelpfulnessScorer(Protocol):
+    """Scores (prompt, response) pairs; higher is more helpful. Called once per batch."""
+
+    def __call__(self, prompts: Sequence[list[dict]], responses: Sequence[str]) -> Sequence[float]: ...
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    mode: Mode = Mode.STRICT
+    safe_reward: float = 1.0  # eq. (1)
+    unsafe_reward: float = 0.0  # eq. (1)
+    unsafe_penalty: float = -10.0  # eq. (2)
+    refusal_penalty: float = -5.0  # eq. (2)
+    penalize_refusal: str = "safe_prompts"  # eq. (2): "safe_prompts" (unnecessary refusals) or "always"
+
+
+def is_unsafe(v: Verdict, mode: Mode) -> bool:
+    return v.error is not None or Policy(mode=mode).binary(v.label) is Severity.UNSAFE
+
+
+def guard_only_reward(response: Verdict, cfg: RewardConfig = RewardConfig()) -> float:
+    """Eq. (1): the judge's verdict on the response alone."""
+    return cfg.unsafe_reward if is_unsafe(response, cfg.mode) else cfg.safe_reward
+
+
+def needs_helpfulness(response: Verdict, prompt: Verdict | None, cfg: RewardConfig) -> bool:
+    return hybrid_reward(response, prompt, None, cfg) is None
+
+
+def hybrid_reward(response: Verdict, prompt: Verdict | None, helpfulness: float | None,
+                  cfg: RewardConfig = RewardConfig()) -> float | None:
+    """Eq. (2). Returns None when the answer is the helpfulness score and none was given."""
+    if is_unsafe(response, cfg.mode):
+        return cfg.unsafe_penalty
+    if response.refusal:
+        if cfg.penalize_refusal == "always" or (prompt is not None and not is_unsafe(prompt, cfg.mode)):
+            return cfg.refusal_penalty
+    return helpfulness
+
+
+class SafetyReward:
+    """Batched rewards from a Guard (or any backend with `classify_conversations`).
+
+    `kind="guard"` is eq. (1); `kind="hybrid"` is eq. (2) and needs `helpfulness`. Calling the object
+    is the TRL reward-function signature: `reward(prompts, completions, **kw) -> list[float]`, with
+    prompts/completions as strings or as conversational message lists (TRL's two formats).
+    `invalid_reward`: reward for a completion that cannot be judged (e.g. empty); None raises InputError.
+    """
+
+    def __init__(self, guard: Any, kind: str = "guard", helpfulness: HelpfulnessScorer | None = None,
+                 config: RewardConfig = RewardConfig(), batch_size: int = 64, invalid_reward: float | None = None):
+        if kind not in ("guard", "hybrid"):
+            raise ValueError("kind must be 'guard' or 'hybrid'")
+        if kind == "hybrid" and helpfulness is None:
+            raise ValueError("the hybrid reward needs a helpfulness scorer")
+        self.guard, self.kind, self.helpfulness, self.config = guard, kind, helpfulness, config
+        self.batch_size, self.invalid_reward = batch_size, invalid_reward
+        self.__name__ = f"qguard_{kind}_reward"  # TRL logs reward functions by __name__
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        return self.score([as_messages(p) for p in prompts], [completion_text(c) for c in completions])
+
+    def score(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
+        pmsgs = [as_messages(p) for p in prompts]
+        convs = [[*p, {"role": "assistant", "content": r}] for p, r in zip(pmsgs, responses)]
+        resp = self._judge(convs)
+        for i, r in enumerate(responses):  # like Guard.classify_response: an empty answer is not judged
+            if not isinstance(r, str) or not r.strip():
+                resp[i] = InputError("empty response: nothing to moderate")
+        prom = self._judge(pmsgs) if self.kind == "hybrid" and self.config.penalize_refusal != "always" \
+            else [None] * len(convs)
+        out: list[float | None] = [None] * len(convs)
+        todo = []
+        for i, (rv, pv) in enumerate(zip(resp, prom)):
+            if isinstance(rv, Exception) or isinstance(pv, Exception):
+                out[i] = self._invalid(i, rv if isinstance(rv, Exception) else pv)
+            elif self.kind == "guard":
+                out[i] = guard_only_reward(rv, self.config)
+            else:
+                out[i] = hybrid_reward(rv, pv, None, self.config)
+                if out[i] is None:
+                    todo.append(i)
+        if todo:
+            scores = list(self.helpfulness([pmsgs[i] for i in todo], [responses[i] for i in todo]))
+            if len(scores) != len(todo):
+                raise InputError(f"helpfulness scorer returned {len(scores)} scores for {len(todo)} pairs")
+            for i, s in zip(todo, scores):
+                out[i] = float(s)
+        return [float(x) for x in out]  # type: ignore[arg-type]
+
+    def _judge(self, convs: list[list[dict]]) -> list[Verdict | Exception]:
+        out: list[Verdict | Exception] = []
+        for a in range(0, len(convs), self.batch_size):
+            out.extend(self.guard.classify_conversations(convs[a : a + self.batch_size], return_errors=True))
+        return out
+
+    def _invalid(self, i: int, e: Exception) -> float:
+        if self.invalid_reward is None:
+            raise InputError(f"sample {i} cannot be judged: {e}")
+        return self.invalid_reward
+
+
+def as_messages(prompt: Conversation) -> list[dict]:
+    """A prompt as TRL passes it: plain text, or a list of {role, content} messages."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
+        return [dict(m) for m in prompt]
+    raise InputError(f"a prompt must be text or a list of messages, got {type(prompt).__name__}")
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as TRL passes it: text, or a list of messages (the assistant contents, joined)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and all(isinstance(m, dict) for m in completion):
+        return "".join(str(m.get("content", "")) for m in completion if m.get("role", "assistant") == "assistant")
+    raise InputError(f"a completion must be text or a list of messages, got {type(completion).__name__}")
+
+
+def reward_fn(guard: Any, kind: str = "guard", helpfulness: HelpfulnessScorer | None = None,
+              **kw: Any) -> Callable[..., list[float]]:
+    """A TRL-compatible reward function: `reward_fn(guard)(prompts, completions, **kw) -> list[float]`."""
+    return SafetyReward(guard, kind, helpfulness, **kw)

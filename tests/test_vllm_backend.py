@@ -1,0 +1,121 @@
+"""The vLLM backend, tested against vLLM's DOCUMENTED interface with a fake `vllm` module, not a real vLLM.
+
+vLLM cannot be installed here (no GPU). The fake implements exactly what the backend uses from the
+documented offline API: `LLM(model=..., enable_prefix_caching=...)`, `LLM.get_tokenizer()`,
+`LLM.generate([{"prompt_token_ids": ids}], SamplingParams)` returning objects whose `.outputs[0]` has
+`.text`, `.token_ids` (the stop token included) and `.logprobs` (a {token_id: Logprob} dict of the
+top-k per generated token), and `SamplingParams(temperature, max_tokens, logprobs, stop_token_ids)`.
+Its "generation" is plain greedy decoding of a trained tiny checkpoint, so the backend's verdicts
+can be compared with the torch engine's.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+from test_gen_engine import conversations, load, trained_gen_checkpoint
+
+from qguard.errors import InputError, QGuardError
+from qguard.tokenizer import ENDOFTEXT, IM_END
+
+
+@dataclass
+class Logprob:  # vllm.sequence.Logprob's documented fields
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class FakeSamplingParams:
+    def __init__(self, temperature=1.0, max_tokens=16, logprobs=None, stop_token_ids=None, **kw):
+        self.temperature, self.max_tokens, self.logprobs = temperature, max_tokens, logprobs
+        self.stop_token_ids = stop_token_ids or []
+
+
+class FakeLLM:
+    instances: list[FakeLLM] = []
+
+    def __init__(self, model: str, **kw):
+        self.model_path, self.kw = model, kw
+        self.model, self.tokenizer = load(model)
+        FakeLLM.instances.append(self)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    @torch.inference_mode()
+    def generate(self, prompts, params: FakeSamplingParams):
+        assert params.temperature == 0
+        outs = []
+        for p in prompts:
+            ids = list(p["prompt_token_ids"])
+            gen, lps = [], []
+            for _ in range(params.max_tokens):
+                logits = self.model(torch.tensor([ids + gen]))[0, -1].float().log_softmax(-1)
+                top = logits.topk(params.logprobs)
+                tok = int(logits.argmax())
+                entry = {int(t): Logprob(float(v), r + 1) for r, (v, t) in enumerate(zip(top.values, top.indices))}
+                entry.setdefault(tok, Logprob(float(logits[tok])))
+                gen.append(tok)
+                lps.append(entry)
+                if tok in params.stop_token_ids:
+                    break
+            text = self.tokenizer.decode([t for t in gen if t not in (IM_END, ENDOFTEXT)])
+            completion = types.SimpleNamespace(text=text, token_ids=gen, logprobs=lps)
+            outs.append(types.SimpleNamespace(prompt_token_ids=ids, outputs=[completion]))
+        return outs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    mod = types.ModuleType("vllm")
+    mod.LLM, mod.SamplingParams = FakeLLM, FakeSamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    return trained_gen_checkpoint(tmp_path_factory.mktemp("vllm_trained"))
+
+
+def test_vllm_backend_matches_torch_engine(fake_vllm, trained_dir):
+    from qguard.backends.vllm import VLLMGenBackend
+    from qguard.guard import Guard
+
+    backend = VLLMGenBackend.from_pretrained(str(trained_dir), mode="strict", max_new_tokens=24)
+    assert FakeLLM.instances[-1].kw["enable_prefix_caching"] is True
+    guard = Guard.from_pretrained(trained_dir, device="cpu", max_new_tokens=24)
+    convs = conversations(10, seed=13)
+    got = backend.classify_conversations(convs)
+    want = guard.classify_conversations(convs)
+    for g, w in zip(got, want):
+        assert (g.label, g.categories, g.refusal, g.error is None) == (w.label, w.categories, w.refusal, w.error is None)
+        if g.probs is not None and w.error is None:
+            assert sum(g.probs.values()) == pytest.approx(1.0)
+            assert max(g.probs, key=g.probs.get) == max(w.probs, key=w.probs.get)
+
+
+def test_vllm_backend_reports_bad_rows(fake_vllm, trained_dir):
+    from qguard.backends.vllm import VLLMGenBackend
+
+    backend = VLLMGenBackend.from_pretrained(str(trained_dir), max_new_tokens=8, max_model_len=400)
+    out = backend.classify_conversations([[{"role": "user", "content": 3}],
+                                          [{"role": "user", "content": "word " * 500}],
+                                          [{"role": "user", "content": "cake"}]], return_errors=True)
+    assert isinstance(out[0], InputError) and isinstance(out[1], InputError)
+    assert not isinstance(out[2], Exception)
+    with pytest.raises(InputError):
+        backend.classify_conversations([[{"role": "user", "content": 3}]])
+
+
+def test_missing_vllm_is_a_clear_error(monkeypatch):
+    from qguard.backends.vllm import VLLMGenBackend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(QGuardError, match="pip install 'qguard\\[vllm\\]'"):
+        VLLMGenBackend.from_pretrained("Qwen/Qwen3Guard-Gen-0.6B")
