@@ -269,8 +269,14 @@ def main(argv: list[str] | None = None) -> dict:
         stepper = HFKVStepper(model, hf, prompt, device)
         rows.append(("official loop (full forward/token)", ctx, 1, official[ctx] * 1e3, 1 / official[ctx]))
         for name, static in variants:
-            res, hf_t = bench_qguard(model, labels, tok, ctx, args.concurrency, steps, max_kv, stepper,
-                                     device, log, static)
+            try:
+                res, hf_t = bench_qguard(model, labels, tok, ctx, args.concurrency, steps, max_kv, stepper,
+                                         device, log, static)
+            except Exception as e:  # one failing variant must not lose the others' figures
+                log(f"{name} ctx={ctx} FAILED: {type(e).__name__}: {e}")
+                if static is None or len(variants) == 1:
+                    raise
+                continue
             if static is None or static == (device.type == "cuda"):  # the default engine: the headline
                 qg[ctx], hf_kv[ctx] = res, hf_t
             extra.setdefault(name, {})[ctx] = res
