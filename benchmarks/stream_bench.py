@@ -277,13 +277,13 @@ def main(argv: list[str] | None = None) -> dict:
                 if static is None or len(variants) == 1:
                     raise
                 continue
-            if static is None or static == (device.type == "cuda"):  # the default engine: the headline
+            if static is None or static == (device.type == "cuda") or ctx not in qg:  # headline: the default engine
                 qg[ctx], hf_kv[ctx] = res, hf_t
             extra.setdefault(name, {})[ctx] = res
             for c, r in res.items():
                 rows.append((name, ctx, c, *((r[0] * 1e3, r[1]) if isinstance(r, tuple) else (None, None))))
         log(f"hf_kv ctx={ctx}: {hf_kv[ctx] * 1e3:.1f} ms/token")
-        rows.insert(len(rows) - sum(len(extra[n][ctx]) for n, _ in variants), ("transformers DynamicCache", ctx, 1, hf_kv[ctx] * 1e3, 1 / hf_kv[ctx]))
+        rows.insert(len(rows) - sum(len(extra.get(n, {}).get(ctx, {})) for n, _ in variants), ("transformers DynamicCache", ctx, 1, hf_kv[ctx] * 1e3, 1 / hf_kv[ctx]))
         del stepper
     diff = parity(model, labels, tok)
 
