@@ -19,6 +19,7 @@ The last line printed is a JSON object with the headline figures.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -64,6 +65,14 @@ def build_hf(preset: str, model: StreamGuardModel) -> HFQwen3Model:
     hf.load_state_dict(model.model.state_dict(), strict=False, assign=True)
     p = next(model.parameters())
     return hf.to(device=p.device, dtype=p.dtype)
+
+
+# transformers renamed `past_key_values` to `cache` in 5.2x; accept both so the baseline runs on either.
+CACHE_ARG = "cache" if "cache" in inspect.signature(HFQwen3Model.forward).parameters else "past_key_values"
+
+
+def kv_of(out):
+    return getattr(out, "cache", None) or out.past_key_values
 
 
 def cpu_name() -> str:
@@ -112,13 +121,13 @@ class HFKVStepper:
         self.model, self.hf, self.device = model, hf, device
         self.rng = random.Random(2)
         with torch.inference_mode():
-            self.cache = hf(input_ids=torch.tensor([prompt], device=device), use_cache=True).cache
+            self.cache = kv_of(hf(input_ids=torch.tensor([prompt], device=device), use_cache=True))
 
     @torch.inference_mode()
     def step(self) -> None:
         tok = torch.tensor([[self.rng.randrange(100, 150000)]], device=self.device)
-        out = self.hf(input_ids=tok, cache=self.cache, use_cache=True)
-        self.cache = out.cache
+        out = self.hf(input_ids=tok, **{CACHE_ARG: self.cache}, use_cache=True)
+        self.cache = kv_of(out)
         heads_probs(self.model, out.last_hidden_state).cpu()
 
 
