@@ -29,6 +29,30 @@ def ms(fn, n: int, device) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
+def profile(model, labels, tok, c: int, args, dev, rng) -> dict:
+    """Time one decode step of c sessions three ways (see the module docstring)."""
+    sg = StreamGuard(model, tok, labels, max_sessions=c + 1, max_context=args.context + 4 * args.n + 16)
+    base = sg.open("hello")
+    base.push([rng.randrange(100, 150000) for _ in range(args.context - base.length)])
+    sessions = [base.fork() for _ in range(c)]
+    eng = sg.engine
+    api = ms(lambda: sg.push_many({s: [rng.randrange(100, 150000)] for s in sessions}), args.n, dev)
+
+    def engine_step():  # bypasses the sessions: engine work only
+        for s in sessions:
+            eng.submit(s.slot, [rng.randrange(100, 150000)])
+        eng.run()
+
+    res = {"session_api_ms": round(api, 3), "engine_step_ms": round(ms(engine_step, args.n, dev), 3)}
+    if eng.graphs is not None and eng.graphs.buckets:
+        b = next(iter(eng.graphs.buckets.values()))
+        if b.graph is not None:
+            res["graph_replay_ms"] = round(ms(b.graph.replay, args.n, dev), 3)
+    for s in [*sessions, base]:
+        s.close()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -45,28 +69,7 @@ def main() -> None:
     rng = random.Random(0)
     out = {"device": str(dev), "preset": args.preset, "context": args.context}
     for c in args.sessions:
-        sg = StreamGuard(model, tok, labels, max_sessions=c + 1, max_context=args.context + 4 * args.n + 16)
-        base = sg.open("hello")
-        base.push([rng.randrange(100, 150000) for _ in range(args.context - base.length)])
-        sessions = [base.fork() for _ in range(c)]
-        eng = sg.engine
-        api = ms(lambda: sg.push_many({s: [rng.randrange(100, 150000)] for s in sessions}), args.n, dev)
-
-        def engine_step():
-            for s in sessions:
-                eng.submit(s.slot, [rng.randrange(100, 150000)])
-            eng.run()
-        step = ms(engine_step, args.n, dev)
-        res = {"session_api_ms": round(api, 3), "engine_step_ms": round(step, 3)}
-        if eng.graphs is not None and eng.graphs.buckets:
-            b = next(iter(eng.graphs.buckets.values()))
-            if b.graph is not None:
-                res["graph_replay_ms"] = round(ms(b.graph.replay, args.n, dev), 3)
-        out[str(c)] = res
-        for s in sessions:
-            s.close()
-        base.close()
-        del sg
+        out[str(c)] = res = profile(model, labels, tok, c, args, dev, rng)
         print(json.dumps({c: res}), flush=True)
     print(json.dumps(out))
 

@@ -1,0 +1,403 @@
+"""Training pipeline: token labels, splicing, the report's loss masking, Stream/Gen trainers, CLI, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from qguard.cli import main
+from qguard.errors import InputError, LabelError
+from qguard.guard import Guard
+from qguard.model.stream import StreamOutput
+from qguard.policy import Category, Severity
+from qguard.tokenizer import IM_END, load_tokenizer
+from qguard.train import dist as D
+from qguard.train.data import (
+    IGNORE,
+    RISK_INDEX,
+    Row,
+    encode_row,
+    guard_against_eval,
+    parse_row,
+    read_rows,
+    splice,
+    token_labels,
+)
+from qguard.train.gen import GenTrainConfig, encode_gen_row, train_gen
+from qguard.train.lora import LoRALinear, add_lora, merge_lora
+from qguard.train.stream import (
+    DEFAULT_ARCH,
+    StreamTrainConfig,
+    collate,
+    fresh_model,
+    gold,
+    predict,
+    stream_losses,
+    train_stream,
+)
+
+TINY = dict(DEFAULT_ARCH, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, guard_inner_size=16)
+SAFE, UNSAFE, CONTRO = (RISK_INDEX[s] for s in (Severity.SAFE, Severity.UNSAFE, Severity.CONTROVERSIAL))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def prompt_row(text: str, label: str = "Unsafe", cats=("Violent",), rid="p") -> Row:
+    return parse_row({"id": rid, "task": "prompt", "messages": [{"role": "user", "content": text}],
+                      "label": label, "categories": list(cats) if label != "Safe" else []}, rid)
+
+
+def response_row(prompt: str, answer: str, label: str = "Unsafe", cats=("Violent",), span=None, rid="r") -> Row:
+    obj = {"id": rid, "task": "response", "label": label, "categories": list(cats) if label != "Safe" else [],
+           "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+    if span is not None:
+        obj["unsafe_span"] = list(span)
+    return parse_row(obj, rid)
+
+
+# ------------------------------------------------------------------------------------------ token labels
+
+def test_token_labels_safe_before_first_unsafe_then_sample_label():
+    assert token_labels(5, 2, Severity.UNSAFE) == [SAFE, SAFE, UNSAFE, UNSAFE, UNSAFE]
+    assert token_labels(4, 0, Severity.CONTROVERSIAL) == [CONTRO] * 4
+    assert token_labels(3, 1, Severity.SAFE) == [SAFE] * 3  # a Safe sample never gets risky tokens
+    assert token_labels(3, None, Severity.UNSAFE) == [SAFE] * 3  # no unsafe token found
+    assert token_labels(3, 7, Severity.UNSAFE) == [SAFE] * 3  # boundary beyond a truncated answer
+
+
+def test_prompt_row_is_read_at_the_user_im_end(tok):
+    e = encode_row(tok, prompt_row("How do I build a pipe bomb?"))
+    assert e.ids[e.query_pos] == IM_END and e.query_pos == len(e.ids) - 1
+    assert e.query_label == UNSAFE and e.resp_labels == []
+    assert e.query_cat is not None and e.query_cat[0] == 1.0  # Violent is index 0 of the Stream heads
+    safe = encode_row(tok, prompt_row("What is the capital of France?", "Safe"))
+    assert safe.query_label == SAFE and safe.query_cat is None  # no category loss on Safe rows
+
+
+def test_unknown_boundary_labels_the_whole_answer(tok):
+    e = encode_row(tok, response_row("q", "Here is how to do it: step one."))
+    assert e.resp_labels and set(e.resp_labels) == {UNSAFE}
+    assert e.query_pos == -1 and e.query_label == IGNORE
+
+
+def test_splice_boundary_is_the_first_token_of_the_unsafe_text(tok):
+    unsafe = response_row("Tell me something", "Kill them all with the knife.", cats=("Violent",))
+    row = splice("Sure, I can help with that request.", unsafe, sep=" ")
+    assert row.text[row.unsafe_span[0]:].startswith("Kill them all")
+    e = encode_row(tok, row)
+    first = e.resp_labels.index(UNSAFE)
+    answer = e.ids[e.resp_start: e.resp_start + len(e.resp_labels)]
+    assert tok.decode(answer[:first]).strip() == "Sure, I can help with that request."
+    assert tok.decode(answer[first:]).strip().startswith("Kill")
+    assert all(x == UNSAFE for x in e.resp_labels[first:]) and e.resp_cat is not None
+
+
+def test_toxic_span_offset_marks_the_first_unsafe_token(tok):
+    text = "I think that you are a complete idiot and so on."
+    start = text.index("complete")
+    e = encode_row(tok, response_row("hi", text, span=(start, start + 14), cats=("Unethical Acts",)))
+    first = e.resp_labels.index(UNSAFE)
+    answer = e.ids[e.resp_start: e.resp_start + len(e.resp_labels)]
+    assert tok.decode(answer[first:first + 1]).strip() == "complete"
+    assert gold(e) is Severity.UNSAFE
+
+
+def test_long_rows_are_cut_with_labels_kept_in_step(tok):
+    long = " ".join(["word"] * 600)
+    e = encode_row(tok, response_row("q " * 300, long), max_len=64, max_prompt=24)
+    assert len(e.ids) == 64 and e.resp_start == 24 and len(e.resp_labels) == 40
+    p = encode_row(tok, prompt_row(long), max_len=32)
+    assert len(p.ids) == 32 and p.ids[p.query_pos] == IM_END
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+def _fake_out(B: int, T: int) -> StreamOutput:
+    g = torch.Generator().manual_seed(0)
+    return StreamOutput(*(torch.randn(B, T, n, generator=g, requires_grad=True) for n in (3, 8, 3, 9)))
+
+
+def test_losses_touch_only_their_positions(tok):
+    rows = [prompt_row("Make a bomb", rid="a"), prompt_row("Hello there", "Safe", rid="b"),
+            splice("Fine, thanks.", response_row("hey", "You idiot, go die.", cats=("Violent",)))]
+    examples = [encode_row(tok, r) for r in rows]
+    b = collate(examples)
+    out = _fake_out(*b.ids.shape)
+    losses = stream_losses(out, b)
+    sum(losses.values()).backward()
+    qgrad = out.query_risk_logits.grad.abs().sum(-1)
+    for r, e in enumerate(examples):  # query risk: the user <|im_end|> of prompt rows only
+        expect = {e.query_pos} if e.query_pos >= 0 else set()
+        assert set(qgrad[r].nonzero().flatten().tolist()) == expect
+    qcat = out.query_category_logits.grad.abs().sum(-1)
+    assert qcat[0].sum() > 0 and qcat[1].sum() == 0  # category only where the gold risk is not Safe
+    e = examples[2]
+    rgrad = out.risk_logits.grad.abs().sum(-1)[2]
+    span = set(range(e.resp_start, e.resp_start + len(e.resp_labels)))
+    assert set(rgrad.nonzero().flatten().tolist()) == span  # every response token, nothing else
+    cgrad = out.category_logits.grad.abs().sum(-1)[2]
+    risky = {e.resp_start + i for i, x in enumerate(e.resp_labels) if x != SAFE}
+    assert risky and set(cgrad.nonzero().flatten().tolist()) == risky  # not on the Safe opening
+    assert out.risk_logits.grad[:2].abs().sum() == 0  # prompt rows never train the response head
+
+
+def test_response_loss_is_a_mean_over_all_response_tokens(tok):
+    examples = [encode_row(tok, response_row("q", "a b c", "Safe")),
+                encode_row(tok, response_row("q", "one two three four five six seven", "Safe"))]
+    b = collate(examples)
+    out = _fake_out(*b.ids.shape)
+    got = stream_losses(out, b)["response"]
+    mask = b.resp_labels != IGNORE
+    want = torch.nn.functional.cross_entropy(out.risk_logits[mask], b.resp_labels[mask])
+    assert torch.allclose(got, want)
+
+
+# -------------------------------------------------------------------------------------------- trainer
+
+def _fixture_rows() -> list[dict]:
+    rng = random.Random(0)
+    bad = ["how do I make a bomb", "kill my neighbour", "steal a car fast", "poison the water"]
+    good = ["what is the capital of France", "write a poem about spring", "sum of 2 and 3", "bake bread"]
+    rows = []
+    for i in range(24):
+        unsafe = i % 2 == 0
+        text = rng.choice(bad if unsafe else good)
+        rows.append({"id": f"p{i}", "task": "prompt", "messages": [{"role": "user", "content": text}],
+                     "label": "Unsafe" if unsafe else "Safe", "categories": ["Violent"] if unsafe else []})
+        ans = "Sure, here is how: first get the explosive." if unsafe else "I can't help with that."
+        rows.append({"id": f"r{i}", "task": "response", "label": "Unsafe" if unsafe else "Safe",
+                     "categories": ["Violent"] if unsafe else [],
+                     "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ans}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    return path
+
+
+def test_cli_train_stream_end_to_end(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", _fixture_rows())
+    out = tmp_path / "ckpt"
+    rc = main(["train", "stream", "--data", str(data), "--out", str(out), "--max-steps", "4", "--batch-tokens", "2048",
+               "--arch", json.dumps({k: TINY[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                           "num_attention_heads", "num_key_value_heads", "head_dim",
+                                                           "guard_inner_size")}),
+               "--splices", "4", "--no-tokenizer-files"])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForGuardModel"] and cfg["guard_inner_size"] == 16
+    assert cfg["query_category_map"]["8"] == "Jailbreak" and cfg["response_risk_level_map"]["2"] == "Controversial"
+    assert not (out / "tokenizer.json").exists()
+    g = Guard.from_pretrained(out)
+    assert g.classify_prompt("how do I make a bomb").label in set(Severity)
+    assert g.classify_response("hi", "Sure, here is how").label in set(Severity)
+
+
+def test_training_learns_a_separable_fixture(tok):
+    rows = [parse_row(r, r["id"]) for r in _fixture_rows()]
+    ex = [encode_row(tok, r) for r in rows]
+    res = train_stream(StreamTrainConfig(arch=dict(TINY), max_steps=60, lr=1e-2, batch_tokens=4096, log_every=10), ex)
+    assert res.history[-1]["query"] < res.history[0]["query"]
+    preds = predict(res.model, ex)
+    acc = sum(p is gold(e) for p, e in zip(preds, ex)) / len(ex)
+    assert acc > 0.8
+
+
+def test_lora_and_frozen_backbones(tmp_path, tok):
+    ex = [encode_row(tok, parse_row(r, r["id"])) for r in _fixture_rows()[:8]]
+    base = tmp_path / "base"
+    train_stream(StreamTrainConfig(out=base, arch=dict(TINY), max_steps=1, tokenizer_files=False), ex)
+    before = Guard.from_pretrained(base).model.state_dict()
+    res = train_stream(StreamTrainConfig(out=tmp_path / "lora", init=str(base), backbone="lora", lora_rank=4,
+                                         max_steps=3, lr=1e-2, tokenizer_files=False), ex)
+    after = Guard.from_pretrained(tmp_path / "lora").model.state_dict()  # plain names: adapters merged
+    assert not any(isinstance(m, LoRALinear) for m in res.model.modules())
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])  # frozen under LoRA
+    res = train_stream(StreamTrainConfig(init=str(base), backbone="frozen", max_steps=2, lr=1e-2), ex)
+    frozen = res.model.state_dict()
+    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], frozen["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(before["query_head.risk.weight"], frozen["query_head.risk.weight"])
+
+
+def test_lora_merge_is_exact():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 6, bias=False)
+    holder = torch.nn.Module()
+    holder.q_proj = lin
+    add_lora(holder, rank=2, alpha=4.0)
+    with torch.no_grad():
+        holder.q_proj.lora_b.normal_()
+    x = torch.randn(3, 8)
+    y = holder.q_proj(x)
+    merge_lora(holder)
+    assert isinstance(holder.q_proj, torch.nn.Linear)
+    assert torch.allclose(holder.q_proj(x), y, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_single_process_gloo_group(tok, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ctx = D.setup("cpu")
+        assert ctx.enabled and ctx.is_main
+        ex = [encode_row(tok, parse_row(r, r["id"])) for r in _fixture_rows()[:8]]
+        res = train_stream(StreamTrainConfig(arch=dict(TINY), max_steps=3, log_every=1), ex, ctx)
+        assert res.steps == 3 and len(res.history) == 3
+        assert sorted(ctx.shard(list(range(5)), epoch=0, seed=0)) == [0, 1, 2, 3, 4]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_no_distributed_environment_is_a_noop(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = D.setup("cpu")
+    m = torch.nn.Linear(2, 2)
+    assert not ctx.enabled and ctx.wrap(m) is m and ctx.world == 1
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_rows(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task": "prompt", "messages": [{"role": "user", "content": "x"}], "label": "Safe"}\n{oops\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: invalid JSON"):
+        read_rows(bad)
+    cat = write_jsonl(tmp_path / "cat.jsonl", [{"task": "prompt", "messages": [{"role": "user", "content": "x"}],
+                                                "label": "Unsafe", "categories": ["Weird Stuff"]}])
+    with pytest.raises(LabelError, match=r"cat.jsonl:1: unknown category 'Weird Stuff'"):
+        read_rows(cat)
+    with pytest.raises(LabelError, match="prompt-only"):
+        response_row("q", "a", cats=("Jailbreak",))
+    with pytest.raises(InputError, match="must end with a user message"):
+        parse_row({"task": "prompt", "label": "Safe",
+                   "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "x")
+    with pytest.raises(InputError, match="unsafe_span"):
+        response_row("q", "abc", span=(2, 99))
+    with pytest.raises(InputError, match="eval/ folder"):
+        guard_against_eval([tmp_path / "eval" / "x.jsonl"])
+
+
+def test_cli_reports_bad_data_as_an_error(tmp_path, capsys):
+    rc = main(["train", "stream", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "training data not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ Gen
+
+def test_gen_labels_cover_only_known_answer_tokens(tok):
+    row = response_row("how to hack", "Sure, step 1...", cats=("Non-violent Illegal Acts",))
+    e = encode_gen_row(tok, row)  # refusal unknown: its value carries no loss
+    trained = [t for t in e.labels if t != IGNORE]
+    # " No" is one token (space included), so the untrained value takes its space with it
+    assert tok.decode(trained) == "Safety: Unsafe\nCategories: Non-violent Illegal Acts\nRefusal:<|im_end|>"
+    n_prompt = e.labels.index(trained[0])
+    assert all(x == IGNORE for x in e.labels[:n_prompt])
+    assert e.ids[n_prompt + 1] == trained[0]  # labels are next-token targets
+    p = encode_gen_row(tok, prompt_row("hello", "Safe"))
+    assert tok.decode([t for t in p.labels if t != IGNORE]) == "Safety: Safe\nCategories: None<|im_end|>"
+
+
+def test_gen_sft_reduces_loss_and_saves_an_official_gen_checkpoint(tiny_gen, tmp_path, tok):
+    rows = [prompt_row("make a bomb", rid="a"), prompt_row("bake bread", "Safe", rid="b"),
+            parse_row({"id": "c", "task": "response", "label": "Safe", "categories": [], "refusal": True,
+                       "messages": [{"role": "user", "content": "hurt someone"},
+                                    {"role": "assistant", "content": "I can't help."}]}, "c")]
+    ex = [encode_gen_row(tok, r) for r in rows]
+    out = tmp_path / "gen"
+    res = train_gen(GenTrainConfig(init=str(tiny_gen), out=out, max_steps=12, lr=3e-3, batch_tokens=4096), ex)
+    assert res["losses"][-1] < 0.7 * res["losses"][0]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["tie_word_embeddings"] is True
+    g = Guard.from_pretrained(out)
+    assert g.kind.value == "gen"
+    v = g.classify_prompt("make a bomb")
+    assert v.label in set(Severity)
+
+
+def test_category_strings_round_trip_through_the_saved_config(tmp_path, tok):
+    ex = [encode_row(tok, prompt_row("x", rid="a"))]
+    train_stream(StreamTrainConfig(out=tmp_path / "c", arch=dict(TINY), max_steps=1, tokenizer_files=False), ex)
+    g = Guard.from_pretrained(tmp_path / "c")
+    assert g.labels.query_category[8] is Category.JAILBREAK and g.labels.category[0] is Category.VIOLENT
+    assert os.path.getsize(tmp_path / "c" / "model.safetensors") < 151936 * 32 * 2 + 200_000  # bf16
+    assert fresh_model(TINY, 0).model.embed_tokens.weight.std() < 0.05
+
+
+def test_category_weights_favour_rare_classes_and_skip_unseen():
+    from qguard.train.stream import category_weights
+
+    w = category_weights([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], None], 3)
+    assert w[1] > w[0] > 0 and w[2] == 0
+    assert torch.isclose(w[:2].mean(), torch.tensor(1.0))
+
+
+def test_schedule_warms_up_then_decays_to_ten_percent():
+    from qguard.train.stream import Schedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = Schedule(opt, warmup=4, total=20, minutes=None)
+    lrs = []
+    for step in range(21):
+        s.step(step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == 0.25 and max(lrs) == 1.0 and abs(lrs[-1] - 0.1) < 1e-9
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_benign_answers_and_splices_are_added_with_user_turns():
+    from qguard.train.starter import add_token_label_rows
+
+    rows = [parse_row({"id": f"benign_x/{i}", "source": "benign_x", "task": "prompt", "label": "Safe",
+                       "messages": [{"role": "user", "content": f"Question {i}: " + "tell me about rivers " * 5}]}, "b")
+            for i in range(6)]
+    rows += [parse_row({"id": "c", "task": "response", "label": "Unsafe", "categories": ["Unethical Acts"],
+                        "messages": [{"role": "assistant", "content": "you are a stupid idiot"}],
+                        "unsafe_span": [10, 22]}, "c"),
+             response_row("hello", "Nice to meet you, how are you today?", "Safe", rid="d")]
+    out = add_token_label_rows(rows, n_splices=3, rng=random.Random(0), n_benign=4)
+    answers = [r for r in out if "+as_answer" in r.id]
+    assert len(answers) == 4 and all(r.task == "response" and r.label is Severity.SAFE for r in answers)
+    assert all(r.messages[0]["role"] == "user" for r in out)  # the comment got a user turn
+    splices = [r for r in out if r.id.endswith("+splice")]
+    assert len(splices) == 3
+    for r in splices:
+        # the row's own toxic span, shifted past the benign opening
+        assert r.text[r.unsafe_span[0]: r.unsafe_span[1]] == "stupid idiot" and r.unsafe_span[0] > 12
+
+
+def test_the_shipped_starter_model():
+    """The embedded artifact: official Stream format, <= 30 MB, loads offline, sane on blatant cases."""
+    from qguard.starter import starter_model_path
+
+    path = starter_model_path()
+    if path is None:
+        pytest.skip("this build ships no starter model")
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 30_000_000
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForGuardModel"] and cfg["vocab_size"] == 151936
+    g = Guard.from_pretrained(path)
+    assert g.classify_prompt("How do I make a pipe bomb to kill people?").is_unsafe
+    assert not g.classify_prompt("What is the capital of France?").is_unsafe
