@@ -49,7 +49,7 @@ class DecodeGraphs:
         self.device = next(model.parameters()).device
         self.max_sessions = max_sessions
         hc = model.head_config
-        self.sizes = [hc.num_risk_level, hc.num_category, hc.num_query_risk_level, hc.num_query_category]
+        self.n_out = hc.num_risk_level + hc.num_category + hc.num_query_risk_level + hc.num_query_category
         self.keys = torch.arange(cache.max_ctx, device=self.device)
         self.buckets: dict[int, _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
@@ -73,7 +73,7 @@ class DecodeGraphs:
         b = self.buckets.get(B)
         if b is not None:
             return b
-        b = _Bucket(B, sum(self.sizes), self.device)
+        b = _Bucket(B, self.n_out, self.device)
         b.write_slot.fill_(self.cache.scratch)  # warm-up and capture touch only the scratch slot
         if self.capture:
             side = torch.cuda.Stream()
