@@ -244,3 +244,15 @@ def test_stream_upstream_error_is_reported_in_band(guard):
     app = create_app(allow_all(guard), ServeSettings(upstream_url="http://u/v1"), upstream=up)
     evts = events(TestClient(app).post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}))
     assert "HTTP 503" in evts[0]["error"]["message"] and evts[-1] == "[DONE]"
+
+
+def test_serve_cli_refuses_unsafe_settings(capsys, tiny_stream, monkeypatch):
+    from qguard.cli import main
+
+    monkeypatch.delenv("QGUARD_API_KEYS", raising=False)
+    assert main(["serve", "-m", str(tiny_stream), "--max-concurrency", "0"]) == 2
+    assert "--max-concurrency must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "-m", str(tiny_stream), "--host", "0.0.0.0"]) == 2
+    assert "without API keys" in capsys.readouterr().err
+    assert main(["serve", "-m", str(tiny_stream), "--max-context", "0"]) == 2
+    assert "--max-context" in capsys.readouterr().err

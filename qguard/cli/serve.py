@@ -33,6 +33,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.max_concurrency < 1:
         raise InputError("--max-concurrency must be at least 1")
+    if args.max_context < 16:
+        raise InputError("--max-context must be at least 16 tokens")
     keys = os.environ.get(args.api_keys_env)
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         raise InputError(f"refusing to serve on {args.host} without API keys: set ${args.api_keys_env}")
