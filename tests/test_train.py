@@ -283,7 +283,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         read_rows(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task": "prompt", "messages": [{"role": "user", "content": "x"}], "label": "Safe"}\n{oops\n')
-    with pytest.raises(InputError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(InputError, match=r"bad.jsonl:2: not valid JSON"):
         read_rows(bad)
     cat = write_jsonl(tmp_path / "cat.jsonl", [{"task": "prompt", "messages": [{"role": "user", "content": "x"}],
                                                 "label": "Unsafe", "categories": ["Weird Stuff"]}])

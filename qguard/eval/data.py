@@ -5,13 +5,13 @@ A bad row is reported by file and line: eval numbers built on silently skipped r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qguard.errors import InputError, LabelError
+from qguard.jsonl import read_jsonl
 from qguard.policy import parse_category
 from qguard.tokenizer import Message, check_messages
 
@@ -95,24 +95,7 @@ def parse_row(row: Any, benchmark: str, where: str) -> Sample:
 
 def read_benchmark(path: Path) -> list[Sample]:
     """All rows of one JSONL file; the benchmark name is the file stem."""
-    samples: list[Sample] = []
-    try:
-        raw = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    # split on "\n" only: str.splitlines() would also break at U+2028, U+0085 ... which JSON strings
-    # written with ensure_ascii=False may hold verbatim
-    for n, line in enumerate(raw.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise InputError(f"{where}: not valid JSON ({e})") from None
-        samples.append(parse_row(row, path.stem, where))
+    samples = [parse_row(row, path.stem, where) for where, row in read_jsonl(path)]
     if not samples:
         raise InputError(f"{path}: no rows")
     tasks = {s.task for s in samples}

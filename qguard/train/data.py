@@ -12,13 +12,13 @@ response token. `splice` builds responses with a benign opening before unsafe te
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qguard.errors import InputError, LabelError
+from qguard.jsonl import read_jsonl
 from qguard.policy import (
     SEVERITIES,
     STREAM_CATEGORY_ORDER,
@@ -100,20 +100,7 @@ def read_rows(path: str | Path) -> list[Row]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"training data file not found: {p}")
-    rows = []
-    with p.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{p}:{n}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise InputError(f"{where}: not UTF-8 text") from None
-            except ValueError as e:
-                raise InputError(f"{where}: invalid JSON ({e})") from None
-            rows.append(parse_row(obj, where))
-    return rows
+    return [parse_row(obj, where) for where, obj in read_jsonl(p)]
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
