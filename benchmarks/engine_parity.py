@@ -21,9 +21,10 @@ from qguard.engine.stream import HeadProbs, StreamEngine
 from qguard.testing import make_stream_checkpoint
 
 
-def run(model, static: bool, seed: int) -> float:
+def run(model, static: bool, seed: int, compile_step: bool = False) -> float:
     rng = random.Random(seed)
-    eng = StreamEngine(model, max_sessions=8, max_context=256, prefill_chunk=16, static_decode=static)
+    eng = StreamEngine(model, max_sessions=8, max_context=256, prefill_chunk=16, static_decode=static,
+                       compile_step=compile_step)
     slots = [eng.allocate() for _ in range(6)]
     seqs = {s: [] for s in slots}
     outs = {s: [] for s in slots}
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "0.6B"])
+    ap.add_argument("--compile", action="store_true", help="also check the torch.compile'd static step")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         model, _ = build_stream_model(open_checkpoint(make_stream_checkpoint(d, preset=args.preset, std=0.2, tokenizer=False)),
@@ -52,6 +54,8 @@ def main() -> None:
     res = {"device": args.device, "dtype": args.dtype, "preset": args.preset}
     for static in (False, True):
         res["static" if static else "eager"] = max(run(model, static, seed) for seed in range(3))
+    if args.compile:
+        res["static_compiled"] = max(run(model, True, seed, compile_step=True) for seed in range(3))
     print(json.dumps(res))
 
 

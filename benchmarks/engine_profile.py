@@ -31,7 +31,8 @@ def ms(fn, n: int, device) -> float:
 
 def profile(model, labels, tok, c: int, args, dev, rng) -> dict:
     """Time one decode step of c sessions three ways (see the module docstring)."""
-    sg = StreamGuard(model, tok, labels, max_sessions=c + 1, max_context=args.context + 4 * args.n + 16)
+    sg = StreamGuard(model, tok, labels, max_sessions=c + 1, max_context=args.context + 4 * args.n + 16,
+                     compile_step=args.compile)
     base = sg.open("hello")
     base.push([rng.randrange(100, 150000) for _ in range(args.context - base.length)])
     sessions = [base.fork() for _ in range(c)]
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the static decode step")
     args = ap.parse_args()
     dev = torch.device(args.device)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -67,7 +69,7 @@ def main() -> None:
         model, labels = build_stream_model(open_checkpoint(make_stream_checkpoint(d, preset=args.preset, tokenizer=False)), dev, dt)
     tok = load_tokenizer(None)
     rng = random.Random(0)
-    out = {"device": str(dev), "preset": args.preset, "context": args.context}
+    out = {"device": str(dev), "preset": args.preset, "context": args.context, "compile": args.compile}
     for c in args.sessions:
         out[str(c)] = res = profile(model, labels, tok, c, args, dev, rng)
         print(json.dumps({c: res}), flush=True)

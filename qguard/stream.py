@@ -332,12 +332,13 @@ class StreamGuard:
     def __init__(self, model, tokenizer, labels: StreamLabels, *, policy: Policy | None = None,
                  mode: Mode | str = Mode.STRICT, debounce: DebounceRule | str = DebounceRule.EVAL,
                  max_sessions: int = 8, max_context: int = 2048, prefill_chunk: int = 512,
-                 static_decode: bool | None = None):
+                 static_decode: bool | None = None, compile_step: bool = False):
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
         self.policy = policy or Policy(mode=Mode(mode))
         self.debounce_rule = DebounceRule(debounce)
         self.engine = StreamEngine(model, max_sessions=max_sessions, max_context=max_context,
-                                   prefill_chunk=prefill_chunk, static_decode=static_decode)
+                                   prefill_chunk=prefill_chunk, static_decode=static_decode,
+                                   compile_step=compile_step)
         self.safe_index = list(labels.risk).index(Severity.SAFE)
         self._queue: list[tuple[StreamSession, list[int], asyncio.Future, bool]] = []  # (session, ids, waiter, prompt)
         self._task: asyncio.Task | None = None

@@ -44,8 +44,11 @@ class _Bucket:
 class DecodeGraphs:
     """Runs one-token-per-session steps through static buckets (CUDA graphs when `capture`)."""
 
-    def __init__(self, model, cache: SlotCache, max_sessions: int, capture: bool):
+    def __init__(self, model, cache: SlotCache, max_sessions: int, capture: bool, compile_step: bool = False):
+        """`compile_step`: also run the step through torch.compile (inductor fuses the ~20 small kernels
+        per layer: norms, RoPE, activations). Experimental; off by default."""
         self.model, self.cache, self.capture = model, cache, capture
+        self.step_fn = torch.compile(self._step_tensors, dynamic=True) if compile_step else self._step_tensors
         self.device = next(model.parameters()).device
         self.max_sessions = max_sessions
         hc = model.head_config
@@ -59,15 +62,16 @@ class DecodeGraphs:
 
     def _step(self, b: _Bucket, B: int) -> None:
         """The static step: fixed shapes, reads/writes only through b's buffers and the cache."""
-        mask = (self.keys[None, :] <= b.pos)[:, None, None, :]  # [B, 1, 1, max_ctx]
-        self.cache.begin(StaticPlan(b.write_slot, b.write_pos, (0, B), self.cache.max_ctx, mask))
-        try:
-            h = self.model.model(b.ids, b.pos, cache=self.cache)[:, 0]
-        finally:
-            self.cache.begin(None)
+        b.out.copy_(self.step_fn(b.ids, b.pos, b.write_slot, b.write_pos))
+
+    def _step_tensors(self, ids, pos, write_slot, write_pos) -> torch.Tensor:
+        mask = (self.keys[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, max_ctx]
+        self.cache.begin(StaticPlan(write_slot, write_pos, (0, ids.shape[0]), self.cache.max_ctx, mask))
+        h = self.model.model(ids, pos, cache=self.cache)[:, 0]
+        self.cache.begin(None)
         o = self.model.heads(h)
         logits = (o.risk_logits, o.category_logits, o.query_risk_logits, o.query_category_logits)
-        b.out.copy_(torch.cat([x.float().softmax(-1) for x in logits], dim=-1))
+        return torch.cat([x.float().softmax(-1) for x in logits], dim=-1)
 
     def _get(self, B: int) -> _Bucket:
         b = self.buckets.get(B)

@@ -76,7 +76,7 @@ class StreamEngine:
     """
 
     def __init__(self, model: StreamGuardModel, max_sessions: int = 8, max_context: int = 2048,
-                 prefill_chunk: int = 512, static_decode: bool | None = None):
+                 prefill_chunk: int = 512, static_decode: bool | None = None, compile_step: bool = False):
         """`static_decode`: run one-token-per-session steps as static-shape steps, captured as CUDA graphs
         on GPU (`qguard.engine.graphs`). Default: on for CUDA devices, off elsewhere."""
         cfg = model.config
@@ -102,8 +102,8 @@ class StreamEngine:
                                 f"({need / 2**30:.1f} GiB): lower max_sessions or max_context ({e})") from None
         if static_decode is None:
             static_decode = self.device.type == "cuda"
-        self.graphs = (DecodeGraphs(model, self.cache, max_sessions, capture=self.device.type == "cuda")
-                       if static_decode else None)
+        self.graphs = (DecodeGraphs(model, self.cache, max_sessions, capture=self.device.type == "cuda",
+                                    compile_step=compile_step) if static_decode else None)
         hc = model.head_config
         self.head_sizes = [hc.num_risk_level, hc.num_category, hc.num_query_risk_level, hc.num_query_category]
         self.slots: dict[int, _Slot] = {}
