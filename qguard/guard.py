@@ -148,22 +148,18 @@ class Guard:
             return self._classify([check_messages(c) for c in convs])
         out: list[Verdict | InputError | None] = [None] * len(convs)
         ok: list[int] = []
-        reqs = []
+        reqs = []  # Gen: prepared requests; Stream: (messages, layout), tokenised once
         for i, c in enumerate(convs):
             try:
                 msgs = check_messages(c)
-                if self.kind is Kind.GEN:
-                    reqs.append(self.gen.prepare(msgs))
-                else:
-                    self._layout(msgs)
-                    reqs.append(msgs)
+                reqs.append(self.gen.prepare(msgs) if self.kind is Kind.GEN else (msgs, self._layout(msgs)))
                 ok.append(i)
             except InputError as e:
                 out[i] = e
         if self.kind is Kind.GEN:
             verdicts = [self._gen_verdict(r) for r in self.gen.run(reqs)]
         else:
-            verdicts = self._classify(reqs)
+            verdicts = self._stream_classify([m for m, _ in reqs], [lay for _, lay in reqs])
         for i, v in zip(ok, verdicts):
             out[i] = v
         return out  # type: ignore[return-value]
@@ -173,7 +169,9 @@ class Guard:
     def _classify(self, convs: list[list[Message]]) -> list[Verdict]:
         if self.kind is Kind.GEN:
             return [self._gen_verdict(r) for r in self.gen.classify(convs)]
-        layouts = [self._layout(c) for c in convs]
+        return self._stream_classify(convs, [self._layout(c) for c in convs])
+
+    def _stream_classify(self, convs: list[list[Message]], layouts: list[StreamLayout]) -> list[Verdict]:
         seqs = [lay.ids[: lay.user_end + 1] if c[-1]["role"] == "user" else lay.ids for lay, c in zip(layouts, convs)]
         scores = score_sequences(self.model, seqs)
         return [self._stream_verdict(c, lay, s) for c, lay, s in zip(convs, layouts, scores)]
