@@ -56,6 +56,7 @@ def build_models(preset: str, dtype: torch.dtype, device: torch.device, seed: in
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.05 * torch.randn_like(p))
     ours = ours.to(device=device, dtype=dtype).eval()
     ours.model.rotary_emb.reset()
+    ours.fuse_for_inference()  # the form qguard's loaders return (fewer kernels per step)
     hf_cfg = HFQwen3Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")})
     hf = Qwen3ForCausalLM(hf_cfg)
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)

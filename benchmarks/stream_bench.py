@@ -55,6 +55,7 @@ def build_model(preset: str, device: torch.device, dtype: torch.dtype, seed: int
                 p.normal_(0.0, 0.05)
     model = model.to(device=device, dtype=dtype).eval()
     model.model.rotary_emb.reset()
+    model.fuse_for_inference()  # the form qguard's loaders return (fewer kernels per step)
     return model, StreamLabels.from_config(cfg_dict)
 
 

@@ -47,6 +47,7 @@ from qguard.model.gen import (
     parse_answer,
     render_with_tokenizer,
 )
+from qguard.model.qwen3 import additive_mask
 from qguard.policy import Category
 from qguard.tokenizer import ENDOFTEXT, IM_END, Message, check_messages, encode
 
@@ -150,6 +151,8 @@ class BatchCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self.k[layer] is None:
             self._allocate(layer, k, v)
+        if self._mask.dtype == torch.bool:  # once per forward: SDPA would convert it in every layer
+            self._mask = additive_mask(self._mask, k.dtype)
         a, b = self.length, self.length + self._n_new
         self.k[layer][:, :, a:b] = k
         self.v[layer][:, :, a:b] = v

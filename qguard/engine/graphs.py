@@ -1,13 +1,17 @@
 """Static-shape decode steps for the stream engine, captured as CUDA graphs on GPU.
 
-Why: a decode step (one new token per session) of a 28-layer model launches ~500 small kernels; at
+Why: a decode step (one new token per session) of a 28-layer model launches hundreds of small kernels
+(~1,700 in the plain form, ~500 in the fused inference form, counted by benchmarks/op_count.py); at
 batch 1 on a GPU the launch overhead, not the math, sets the latency. A CUDA graph replays the whole step
-with one launch. Graphs need fixed shapes and fixed buffer addresses, so a static step:
+with one launch (the kernels inside still run one after another, so their number still counts). Graphs need fixed shapes and fixed buffer addresses, so a static step:
 - reads the rows of slots 0..B-1 (B a power-of-two bucket) over the FULL cache length with a mask,
   instead of the live span: same tensors every replay; rows of idle slots are padding;
 - takes its inputs from preallocated buffers (ids, positions, write targets) refilled before replay;
 - writes padding rows' keys into the cache's scratch slot, as the eager path does.
 Sessions are given the lowest free slot, so live slots stay dense and the bucket stays small.
+The mask is built once per step as float 0/-inf (SDPA would otherwise convert a bool mask in every
+layer), and the model runs in its fused inference form when it has been fused (the default for loaded
+checkpoints): together they cut the kernels a step launches, see benchmarks/op_count.py.
 
 Without CUDA (tests, CPU) the same static step runs eagerly: that is how its exactness is tested here.
 """
@@ -44,9 +48,11 @@ class _Bucket:
 class DecodeGraphs:
     """Runs one-token-per-session steps through static buckets (CUDA graphs when `capture`)."""
 
-    def __init__(self, model, cache: SlotCache, max_sessions: int, capture: bool, compile_step: bool = False):
+    def __init__(self, model, cache: SlotCache, max_sessions: int, capture: bool, compile_step: bool = False,
+                 float_mask: bool = True):
         """`compile_step`: also run the step through torch.compile (inductor fuses the ~20 small kernels
-        per layer: norms, RoPE, activations). Experimental; off by default."""
+        per layer: norms, RoPE, activations). Experimental; off by default.
+        `float_mask=False` passes the bool mask as before (for before/after comparisons)."""
         self.model, self.cache, self.capture = model, cache, capture
         self.step_fn = torch.compile(self._step_tensors, dynamic=True) if compile_step else self._step_tensors
         self.device = next(model.parameters()).device
@@ -54,6 +60,11 @@ class DecodeGraphs:
         hc = model.head_config
         self.n_out = hc.num_risk_level + hc.num_category + hc.num_query_risk_level + hc.num_query_category
         self.keys = torch.arange(cache.max_ctx, device=self.device)
+        self.float_mask = float_mask
+        # fixed 0-dim buffers for the mask's two values (a captured graph reads them at replay)
+        dtype = cache.k[0].dtype
+        self.zero = torch.zeros((), dtype=dtype, device=self.device)
+        self.neg_inf = torch.full((), float("-inf"), dtype=dtype, device=self.device)
         self.buckets: dict[int, _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
@@ -66,6 +77,8 @@ class DecodeGraphs:
 
     def _step_tensors(self, ids, pos, write_slot, write_pos) -> torch.Tensor:
         mask = (self.keys[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, max_ctx]
+        if self.float_mask:
+            mask = torch.where(mask, self.zero, self.neg_inf)  # = SDPA's own conversion, done once per step
         self.cache.begin(StaticPlan(write_slot, write_pos, (0, ids.shape[0]), self.cache.max_ctx, mask))
         h = self.model.model(ids, pos, cache=self.cache)[:, 0]
         self.cache.begin(None)
@@ -95,6 +108,15 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, rows: list[tuple[int, int, int]]) -> torch.Tensor:
         """rows: (slot, token id, position) for each session; returns packed probs [len(rows), C] on CPU."""
+        b, slots = self.load_inputs(rows)
+        if b.graph is not None:
+            b.graph.replay()
+        else:
+            self._step(b, b.ids.shape[0])
+        return b.out.cpu()[slots]
+
+    def load_inputs(self, rows: list[tuple[int, int, int]]) -> tuple[_Bucket, torch.Tensor]:
+        """Fill the input buffers of the bucket that serves `rows`; returns it and the rows' slots."""
         B = self.bucket_size(max(slot for slot, _, _ in rows))
         b = self._get(B)
         # fill the host-side inputs with one indexed write each (no per-row tensor ops)
@@ -109,8 +131,4 @@ class DecodeGraphs:
         b.pos.copy_(pos)
         b.write_slot.copy_(wslot)
         b.write_pos.copy_(pos)
-        if b.graph is not None:
-            b.graph.replay()
-        else:
-            self._step(b, B)
-        return b.out.cpu()[slots]
+        return b, slots

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qguard.model.qwen3 import additive_mask
+
 
 class ContiguousCache:
     """One growing cache for a batch of equal-length rows (batch 1 decoding, prefix reuse).
@@ -22,7 +24,9 @@ class ContiguousCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         past = 0 if self.k[layer] is None else self.k[layer].shape[2]
         if self.k[layer] is None:
-            self.k[layer], self.v[layer] = k, v
+            # own copies: the fused model's k and v are views of its whole QKV output, which a kept
+            # view would keep alive (3-4x the cache's memory)
+            self.k[layer], self.v[layer] = k.contiguous(), v.contiguous()
         else:
             self.k[layer] = torch.cat([self.k[layer], k], dim=2)
             self.v[layer] = torch.cat([self.v[layer], v], dim=2)
@@ -116,7 +120,7 @@ class StepPlan:
             a = int(past[0])
             self.single = (int(slots[0]), a, a + T)
             # T == 1: the one query sees every key, so no mask at all (lets SDPA take its fastest kernel)
-            self.mask = None if T == 1 else self._mask(past, t, device)
+            self.mask = None if T == 1 else self._mask(past, t, device, cache.k[0].dtype)
             return
         self.write_slot = torch.where(valid, slots[:, None], cache.scratch).to(device)
         self.write_pos = torch.where(valid, past[:, None] + t[None, :], t[None, :]).to(device)
@@ -125,9 +129,10 @@ class StepPlan:
             self.read_range = (lo, lo + B)
         else:
             self.read_slots = slots.to(device)
-        self.mask = self._mask(past, t, device)
+        self.mask = self._mask(past, t, device, cache.k[0].dtype)
 
-    def _mask(self, past: torch.Tensor, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def _mask(self, past: torch.Tensor, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         keys = torch.arange(self.span)
         mask = keys[None, None, :] <= (past[:, None] + t[None, :])[:, :, None]  # [B, T, S]
-        return mask[:, None].to(device)
+        # float 0/-inf, built once: a bool mask would be converted by SDPA in every layer
+        return additive_mask(mask[:, None].to(device), dtype)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qguard.errors import InputError
-from qguard.model.qwen3 import KVCache, Qwen3Config, Qwen3Model
+from qguard.model.qwen3 import InferenceFusion, KVCache, Qwen3Config, Qwen3Model
 from qguard.policy import Category, Severity, parse_category
 from qguard.tokenizer import ASSETS, Message, check_messages
 
@@ -26,7 +26,9 @@ CONTROVERSIAL_IDS = (2093, 12563, 530)
 GUARD_TEMPLATE_MARKER = "<BEGIN UNSAFE CONTENT CATEGORIES>"
 
 
-class GenGuardModel(nn.Module):
+class GenGuardModel(InferenceFusion):
+    """Backbone + lm_head. `fuse_for_inference` fuses the backbone (the lm_head is one matmul already)."""
+
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
         self.config = cfg

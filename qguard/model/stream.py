@@ -2,16 +2,29 @@
 
 Each pair is `pre` (Linear hidden -> g) -> RMSNorm(g) -> {risk_level_head, category_head}, applied to the
 last hidden state at every position (official tensor names, no bias, no activation in between).
+
+In the fused inference form (`fuse_for_inference`, see `qguard.model.qwen3.InferenceFusion`) both
+pairs' `pre` run as one matmul and each pair's two classifiers as one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qguard.model.qwen3 import KVCache, Qwen3Config, Qwen3Model, RMSNorm
+from qguard.model.qwen3 import (
+    FusedLinear,
+    InferenceFusion,
+    KVCache,
+    Qwen3Config,
+    Qwen3Model,
+    RMSNorm,
+    realias_after_load,
+)
 
 
 @dataclass
@@ -42,10 +55,17 @@ class GuardHead(nn.Module):
         self.norm = RMSNorm(g, eps)
         self.risk = nn.Linear(g, n_risk, bias=False)
         self.category = nn.Linear(g, n_cat, bias=False)
+        self.logits: FusedLinear | None = None  # risk/category stacked, set by fuse_for_inference
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.norm(self.pre(h))
         return self.risk(z), self.category(z)
+
+    def forward_fused(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From this pair's `pre` output: one-kernel norm, one matmul for both classifiers."""
+        out = F.linear(self.norm.fast(z), *self.logits)
+        n_risk = self.risk.out_features
+        return out[..., :n_risk], out[..., n_risk:]
 
 
 # official tensor name -> our module path
@@ -61,7 +81,7 @@ HEAD_TENSORS = {
 }
 
 
-class StreamGuardModel(nn.Module):
+class StreamGuardModel(InferenceFusion):
     def __init__(self, cfg: Qwen3Config, heads: StreamHeadConfig):
         super().__init__()
         self.config, self.head_config = cfg, heads
@@ -69,6 +89,14 @@ class StreamGuardModel(nn.Module):
         g, eps = heads.guard_inner_size, cfg.rms_norm_eps
         self.response_head = GuardHead(cfg.hidden_size, g, heads.num_risk_level, heads.num_category, eps)
         self.query_head = GuardHead(cfg.hidden_size, g, heads.num_query_risk_level, heads.num_query_category, eps)
+        self.head_pre: FusedLinear | None = None  # both pairs' `pre` stacked, set by fuse_for_inference
+        self.register_load_state_dict_post_hook(realias_after_load)
+
+    def _fusion_groups(self) -> Iterator[tuple[nn.Module, str, list[nn.Linear]]]:
+        r, q = self.response_head, self.query_head
+        yield self, "head_pre", [r.pre, q.pre]
+        yield r, "logits", [r.risk, r.category]
+        yield q, "logits", [q.risk, q.category]
 
     def forward(
         self,
@@ -77,13 +105,16 @@ class StreamGuardModel(nn.Module):
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> StreamOutput:
-        h = self.model(input_ids, positions, cache, attn_mask)
-        risk, cat = self.response_head(h)
-        qrisk, qcat = self.query_head(h)
-        return StreamOutput(risk, cat, qrisk, qcat)
+        return self.heads(self.model(input_ids, positions, cache, attn_mask))
 
     def heads(self, h: torch.Tensor) -> StreamOutput:
         """Apply both head pairs to hidden states already computed (engines select positions first)."""
+        if self.fused and not torch.is_grad_enabled():
+            z = F.linear(h, *self.head_pre)
+            g = self.head_config.guard_inner_size
+            risk, cat = self.response_head.forward_fused(z[..., :g])
+            qrisk, qcat = self.query_head.forward_fused(z[..., g:])
+            return StreamOutput(risk, cat, qrisk, qcat)
         risk, cat = self.response_head(h)
         qrisk, qcat = self.query_head(h)
         return StreamOutput(risk, cat, qrisk, qcat)
