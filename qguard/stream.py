@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import enum
 import os
 import time
@@ -81,11 +82,23 @@ class TokenVerdict:
     unsafe_position: int | None  # index where the response label was decided, if it was
     stop: bool  # the policy blocks the response: stop the LLM
 
+    @classmethod
+    def _fast(cls, *values) -> TokenVerdict:
+        """`TokenVerdict(*values)` for the per-token hot path: the frozen dataclass __init__ sets each
+        field through object.__setattr__, which costs more than the rest of a token's record; this fills
+        the instance dict at once (tests check the result equals the regular constructor's)."""
+        tv = object.__new__(cls)
+        tv.__dict__.update(zip(_TOKEN_VERDICT_FIELDS, values))
+        return tv
+
     def to_dict(self) -> dict:
         return {"token_id": self.token_id, "index": self.index, "position": self.position, "part": self.part.value,
                 "probs": self.probs, "category_probs": self.category_probs, "label": self.label.value,
                 "category": self.category.value, "response_label": self.response_label.value,
                 "unsafe_position": self.unsafe_position, "stop": self.stop}
+
+
+_TOKEN_VERDICT_FIELDS = tuple(f.name for f in dataclasses.fields(TokenVerdict))
 
 
 class _Reader:
@@ -103,6 +116,8 @@ class _Reader:
         """Part of each token (None = not moderated) and the phase after them, starting from `phase`
         (default: the current one); changes nothing."""
         phase, parts = phase or self.phase, []
+        if phase == "answer" and IM_END not in ids and ENDOFTEXT not in ids:  # the common case, no loop
+            return [Part.ANSWER] * len(ids), phase
         for tok in ids:
             part, phase = self._next(phase, tok)
             parts.append(part if part is not Part.THINK or self.moderate_thinking else None)
@@ -227,32 +242,33 @@ class StreamSession:
         if self.closed:
             raise InputError("this stream session is closed")
 
-    def _consume(self, ids: Sequence[int], parts: Sequence[Part | None], hp: HeadProbs) -> list[TokenVerdict]:
-        """Turn the engine's probabilities for pushed tokens into verdicts (debounce + policy)."""
-        L, out = self.guard.labels, []
+    def _consume(self, ids: Sequence[int], parts: Sequence[Part | None], table: _Table, a: int) -> list[TokenVerdict]:
+        """Turn the engine's probabilities for pushed tokens (rows a.. of the run's `table`) into verdicts
+        (debounce + policy). Plain Python values only: the tensor work was done once for the whole run."""
+        rd, out = self.guard._readout, []
+        sev_keys, cat_keys, risk_names, cat_names = rd.sev_keys, rd.cat_keys, rd.risk_names, rd.cat_names
+        sev, cat, unsafe, risk_idx, cat_idx = table.sev, table.cat, table.unsafe, table.risk_idx, table.cat_idx
         start = self.length
         self.length += len(ids)
-        risk_rows, cat_rows = hp.risk.tolist(), hp.category.tolist()  # one conversion per push, not per token
+        d = self._debouncer
         for j, (tok, part) in enumerate(zip(ids, parts)):
             if part is None:
                 continue
-            r, c = risk_rows[j], cat_rows[j]
-            probs, cprobs = _label_probs(r, L.risk, SEVERITY_KEYS), _label_probs(c, L.category)
-            label, category = L.risk[_argmax(r)], L.category[_argmax(c)]
+            r = a + j
+            probs, cprobs = dict(zip(sev_keys, sev[r])), dict(zip(cat_keys, cat[r]))
+            label, category = risk_names[risk_idx[r]], cat_names[cat_idx[r]]
             index = self.n_moderated
             self.n_moderated += 1
-            self._track(label, probs, cprobs, category, 1.0 - r[self.guard.safe_index])
-            out.append(TokenVerdict(
-                token_id=tok, index=index, position=start + j, part=part, probs=probs, category_probs=cprobs,
-                label=label, category=category, response_label=self._debouncer.label,
-                unsafe_position=self._debouncer.position, stop=self.stop,
-            ))
+            self._track(label, probs, cprobs, category, unsafe[r])
+            out.append(TokenVerdict._fast(tok, index, start + j, part, probs, cprobs, label, category, d.label,
+                                          d.position, self.stop))
         return out
 
     def _track(self, label: Severity, probs: dict, cprobs: dict, category: Category, unsafe: float) -> None:
-        before = (self._debouncer.label, self._debouncer.position)
-        self._debouncer.push(label)
-        if (self._debouncer.label, self._debouncer.position) != before:
+        d = self._debouncer
+        label0, pos0 = d.label, d.position
+        d.push(label)
+        if d.label is not label0 or d.position != pos0:
             self._decided = (probs, cprobs, category)
             if not self.stop and self.guard._response_verdict(self).blocked:
                 self.stop = True  # sticky: once blocked, the response stays cut off
@@ -263,17 +279,68 @@ class StreamSession:
 SEVERITY_KEYS = tuple(s.value for s in (Severity.SAFE, Severity.UNSAFE, Severity.CONTROVERSIAL))
 
 
-def _argmax(row: Sequence[float]) -> int:
-    """Index of the first maximum, like torch.argmax."""
-    return max(range(len(row)), key=row.__getitem__)
+@dataclass
+class _Table:
+    """One run's response readings as plain Python values, indexed by the run's packed row: severity
+    probabilities (in `_Readout.sev_keys` order), category probabilities (`cat_keys` order), P(not Safe)
+    = 1 - P(Safe), and the argmax index of the risk and category heads."""
+
+    sev: list[list[float]]
+    cat: list[list[float]]
+    unsafe: list[float]
+    risk_idx: list[int]
+    cat_idx: list[int]
 
 
-def _label_probs(row: Sequence[float], names: Sequence, keys: Sequence[str] = ()) -> dict[str, float]:
-    """{label: prob}, summed per taxonomy name; `keys` are always present (as in scoring.severity_probs)."""
-    out = dict.fromkeys(keys, 0.0)
-    for name, v in zip(names, row):
-        out[name.value] = out.get(name.value, 0.0) + v
-    return out
+class _Readout:
+    """Reads a run's packed head probabilities into plain Python values for the verdict records: a few
+    tensor ops and conversions per run, instead of tensor slices and conversions per session.
+
+    The values equal what `scoring.severity_probs` / `probs_dict` and the Python reading of a row give:
+    every severity key is present (0.0 where the head lacks it), a label listed twice in the config sums
+    its columns in index order (in float64, like Python floats), argmax takes the first maximum.
+    """
+
+    def __init__(self, labels: StreamLabels, head_sizes: Sequence[int], safe_index: int):
+        self.n_risk, self.n_cat, self.safe_index = head_sizes[0], head_sizes[1], safe_index
+        self.risk_names, self.cat_names = tuple(labels.risk), tuple(labels.category)
+        self.sev_keys, self.sev_cols = _key_columns(labels.risk, SEVERITY_KEYS, 0)
+        self.cat_keys, self.cat_cols = _key_columns(labels.category, (), self.n_risk)
+
+    def read(self, probs: torch.Tensor) -> _Table:
+        risk, cat = probs[:, :self.n_risk], probs[:, self.n_risk:self.n_risk + self.n_cat]
+        unsafe = 1.0 - probs[:, self.safe_index].double()  # float64, as 1.0 - a Python float would be
+        return _Table(self.sev_cols(probs).tolist(), self.cat_cols(probs).tolist(), unsafe.tolist(),
+                      risk.argmax(-1).tolist(), cat.argmax(-1).tolist())
+
+
+def _key_columns(names: Sequence, keys: Sequence[str], offset: int) -> tuple[tuple[str, ...], _Columns]:
+    """The dict keys for a head's labels (`keys` first, then names in first-seen order) and the packed
+    columns that add up to each."""
+    cols: dict[str, list[int]] = {k: [] for k in keys}
+    for i, name in enumerate(names):
+        cols.setdefault(name.value, []).append(offset + i)
+    return tuple(cols), _Columns(list(cols.values()))
+
+
+class _Columns:
+    """x -> [rows, len(groups)] where column k is the sum of x's columns groups[k] (0.0 for none)."""
+
+    def __init__(self, groups: list[list[int]]):
+        self.groups = groups
+        # the usual config, each key one column: a plain gather (float32 -> Python float is exact)
+        simple = all(len(g) == 1 for g in groups)
+        self.index = torch.tensor([g[0] for g in groups]) if simple else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.index is not None:
+            return x.index_select(1, self.index)
+        x = x.double()  # sums in float64, in index order: what Python computes from the row's floats
+        out = x.new_zeros(x.shape[0], len(self.groups))
+        for k, g in enumerate(self.groups):
+            for i in g:
+                out[:, k] += x[:, i]
+        return out
 
 
 class AsyncStreamSession:
@@ -340,6 +407,8 @@ class StreamGuard:
                                    prefill_chunk=prefill_chunk, static_decode=static_decode,
                                    compile_step=compile_step)
         self.safe_index = list(labels.risk).index(Severity.SAFE)
+        self._readout = _Readout(labels, self.engine.head_sizes, self.safe_index)
+        self._vocab = model.config.vocab_size
         self._queue: list[tuple[StreamSession, list[int], asyncio.Future, bool]] = []  # (session, ids, waiter, prompt)
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qguard-stream")
@@ -479,39 +548,47 @@ class StreamGuard:
     def _run_each(self, items: list[tuple[StreamSession, list[int], bool]]) -> list:
         """Validate, submit and run a batch of pushes in one engine run; a result or an error per item.
 
-        Every item is checked before anything is submitted, so a bad push fails alone and leaves its
-        session unchanged.
+        Each item is checked before it is submitted, so a bad push fails alone and leaves its session
+        unchanged. Per session the work is plain Python; the tensor work is done once for the run.
         """
         eng = self.engine
         with eng.lock:
             results: list = [None] * len(items)
-            plans: dict[int, tuple] = {}
-            extra: dict[int, int] = {}  # tokens this batch already adds per slot
-            phases: dict[int, str] = {}  # reader phase after this batch's earlier pushes, per slot
+            todo = []  # (item, session, ids, parts, reader phase after them, slot tokens before them, prompt)
+            batch: dict[int, tuple[int, str | None]] = {}  # slot -> (tokens this batch adds, reader phase after)
             for k, (s, ids, prompt) in enumerate(items):
+                before, phase = batch.get(s.slot, (0, None))
                 try:
-                    plans[k] = self._validate(s, ids, extra.get(s.slot, 0), phases.get(s.slot), prompt)
-                    extra[s.slot] = extra.get(s.slot, 0) + len(ids)
-                    phases[s.slot] = plans[k][1]
+                    parts, phase = self._validate(s, ids, before, phase, prompt)
+                    if ids:
+                        eng.submit(s.slot, ids, checked=True)
                 except (InputError, CapacityError) as e:
                     results[k] = e
-            for k, (s, ids, _) in enumerate(items):
-                if k in plans and ids:
-                    eng.submit(s.slot, ids)
-            out = eng.run()
-            offset: dict[int, int] = {}
-            for k, (s, ids, prompt) in enumerate(items):
-                if k not in plans:
                     continue
-                a = offset.get(s.slot, 0)
-                offset[s.slot] = a + len(ids)
-                hp = out[s.slot].slice(a, a + len(ids)) if ids else None
-                results[k] = self._deliver(s, ids, plans[k], hp, prompt)
+                batch[s.slot] = (before + len(ids), phase)
+                todo.append((k, s, ids, parts, phase, before, prompt))
+            out = eng.run_packed()
+            table: _Table | None = None  # read once for the whole run, when a response push needs it
+            for k, s, ids, parts, phase, before, prompt in todo:
+                if prompt:  # once per session: per-session tensor views are fine here
+                    s.length += len(ids)
+                    s.prompt = self._prompt_verdict(s, out.heads(s.slot).slice(before, before + len(ids)))
+                    results[k] = s.prompt
+                    continue
+                s._reader.phase = phase
+                if not ids:
+                    results[k] = []
+                    continue
+                if table is None:
+                    table = self._readout.read(out.probs)
+                results[k] = s._consume(ids, parts, table, out.rows[s.slot][0] + before)
             return results
 
-    def _validate(self, s: StreamSession, ids: list[int], extra: int, phase: str | None, prompt: bool) -> tuple:
+    def _validate(self, s: StreamSession, ids: list[int], extra: int, phase: str | None,
+                  prompt: bool) -> tuple[list[Part | None], str]:
+        """(part of each token, reader phase after them) if the push is valid; raises otherwise."""
         s._check_open()
-        vocab = self.model.config.vocab_size
+        vocab = self._vocab
         bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
         if bad:
             raise InputError(f"token ids must be integers in 0..{vocab - 1}, got {bad[:5]}")
@@ -523,17 +600,6 @@ class StreamGuard:
         if prompt:
             return ([], s._reader.phase)
         return s._reader.plan(ids, phase)
-
-    def _deliver(self, s: StreamSession, ids: list[int], plan: tuple, hp: HeadProbs | None, prompt: bool):
-        if prompt:
-            s.length += len(ids)
-            s.prompt = self._prompt_verdict(s, hp)
-            return s.prompt
-        parts, phase = plan
-        s._reader.phase = phase
-        if hp is None:
-            return []
-        return s._consume(ids, parts, hp)
 
     def _prompt_verdict(self, s: StreamSession, hp: HeadProbs) -> Verdict:
         L, j = self.labels, s.user_end

@@ -11,6 +11,12 @@ its tokens (so a long prompt cannot stall live streams for long). Rows are group
 at or above their pending count, one forward per group: the common case (every session pushing one
 token) is a single forward, and a 500-token prefill never pads 255 one-token rows to 500.
 
+Output: each forward's head probabilities come back to the host as ONE packed [tokens, classes] tensor
+(one device->host copy per forward); sessions then only record which rows are theirs. `run_packed`
+returns every token of the run in one tensor with a row range per slot, so callers read a whole batch
+with a few tensor ops and one conversion to Python instead of per-session slices; `run` cuts that into
+per-slot `HeadProbs` views for callers that want tensors per session.
+
 The verdict logic (reading positions, debounce, policy) lives in `qguard.stream`; this module returns
 probabilities only.
 """
@@ -18,9 +24,11 @@ probabilities only.
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import torch
 
@@ -54,6 +62,24 @@ class HeadProbs:
 
 
 @dataclass
+class PackedProbs:
+    """Head probabilities of every token one engine run processed, all sessions in one tensor.
+
+    `probs` is [tokens, sum(head_sizes)] float32 on the CPU, columns risk | category | query_risk |
+    query_category; slot s's tokens, in order, are the consecutive rows `rows[s]` = (start, end).
+    """
+
+    probs: torch.Tensor
+    rows: dict[int, tuple[int, int]]
+    head_sizes: tuple[int, ...]
+
+    def heads(self, slot: int) -> HeadProbs:
+        """Slot's rows as per-head views (per-session tensor ops: for callers outside the hot path)."""
+        a, b = self.rows[slot]
+        return HeadProbs(*self.probs[a:b].split(self.head_sizes, dim=-1))
+
+
+@dataclass
 class EngineStats:
     steps: int = 0  # calls of step() that ran at least one forward
     forwards: int = 0  # batched decoder forwards
@@ -65,7 +91,16 @@ class EngineStats:
 class _Slot:
     length: int = 0  # tokens already in the cache
     pending: list[int] = field(default_factory=list)
-    out: list[HeadProbs] = field(default_factory=list)
+    out: list[tuple[int, int]] = field(default_factory=list)  # row ranges in the run's output not yet collected
+
+
+_Row = tuple[int, int, _Slot]  # (slot, tokens this step, its state): one session's row of a forward
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    """A CPU int64 tensor of Python ints; array's C conversion is several times faster than
+    torch.tensor(list), which matters for the per-step index tensors of hundreds of sessions."""
+    return torch.frombuffer(array("q", values), dtype=torch.long) if values else torch.zeros(0, dtype=torch.long)
 
 
 class StreamEngine:
@@ -105,7 +140,9 @@ class StreamEngine:
         self.graphs = (DecodeGraphs(model, self.cache, max_sessions, capture=self.device.type == "cuda",
                                     compile_step=compile_step) if static_decode else None)
         hc = model.head_config
-        self.head_sizes = [hc.num_risk_level, hc.num_category, hc.num_query_risk_level, hc.num_query_category]
+        self.head_sizes = (hc.num_risk_level, hc.num_category, hc.num_query_risk_level, hc.num_query_category)
+        self.chunks: list[torch.Tensor] = []  # packed outputs of the forwards since the last collection
+        self.n_rows = 0  # rows in `chunks`
         self.slots: dict[int, _Slot] = {}
         self.free_slots = list(range(max_sessions))
         self.released: deque[int] = deque()  # slots dropped by garbage collection, freed at the next call
@@ -171,44 +208,81 @@ class StreamEngine:
 
     # ------------------------------------------------------------------------------------ work
 
-    def submit(self, slot: int, ids: Sequence[int]) -> None:
-        """Queue token ids for `slot`; CapacityError if the session would outgrow max_context."""
+    def submit(self, slot: int, ids: Sequence[int], *, checked: bool = False) -> None:
+        """Queue token ids for `slot`; CapacityError if the session would outgrow max_context.
+
+        `checked`: the caller has already validated the ids (the session layer does, for every push), so
+        they are not scanned a second time."""
         with self.lock:
             s = self._slot(slot)
             total = s.length + len(s.pending) + len(ids)
             if total > self.max_context:
                 raise CapacityError(f"stream session would reach {total} tokens, over the engine's max_context of "
                                     f"{self.max_context}; close it or build the engine with a larger max_context")
-            vocab = self.model.config.vocab_size
-            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
-            if bad:
-                raise InputError(f"token ids must be integers in 0..{vocab - 1}, got {bad[:5]}")
+            if not checked:
+                vocab = self.model.config.vocab_size
+                bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
+                if bad:
+                    raise InputError(f"token ids must be integers in 0..{vocab - 1}, got {bad[:5]}")
             s.pending.extend(ids)
 
     def run(self) -> dict[int, HeadProbs]:
         """Step until no session has pending tokens; the head outputs of every processed token, per slot."""
+        out = self.run_packed()
+        return {slot: out.heads(slot) for slot in out.rows}
+
+    def run_packed(self) -> PackedProbs:
+        """Like `run`, but every slot's outputs in one packed tensor (no per-session tensor ops)."""
         with self.lock:
             while self.step():
                 pass
-            out = {}
-            for slot, s in self.slots.items():
-                if s.out:
-                    out[slot] = HeadProbs.cat(s.out)
-                    s.out = []
-            return out
+            return self._collect()
+
+    def _collect(self) -> PackedProbs:
+        """The outputs of the steps since the last collection, each slot's rows made consecutive."""
+        chunks, self.chunks, self.n_rows = self.chunks, [], 0
+        parts = {}
+        for slot, s in self.slots.items():
+            if s.out:
+                parts[slot], s.out = s.out, []
+        if len(chunks) == 1:
+            probs = chunks[0]
+        else:
+            probs = torch.cat(chunks) if chunks else torch.zeros(0, sum(self.head_sizes))
+        if all(len(p) == 1 for p in parts.values()):  # the common case: one forward per slot
+            return PackedProbs(probs, {slot: p[0] for slot, p in parts.items()}, self.head_sizes)
+        # a slot's tokens came from several forwards (chunked prefill): one gather makes them consecutive
+        order: list[int] = []
+        rows = {}
+        for slot, p in parts.items():
+            start = len(order)
+            for a, b in p:
+                order.extend(range(a, b))
+            rows[slot] = (start, len(order))
+        return PackedProbs(probs.index_select(0, _long(order)), rows, self.head_sizes)
 
     def step(self) -> bool:
         """One scheduling step over all sessions with pending tokens; False if there was nothing to do."""
         with self.lock:
             self._drain_released()
-            rows = [(slot, min(len(s.pending), self.prefill_chunk)) for slot, s in self.slots.items() if s.pending]
-            if not rows:
+            chunk = self.prefill_chunk
+            groups: dict[int, list[_Row]] = {1: []}
+            decode = groups[1]
+            for slot, s in self.slots.items():
+                if not s.pending:
+                    continue
+                n = len(s.pending)
+                if n == 1:  # the common case (one new token), kept cheap: it runs for every live session
+                    decode.append((slot, 1, s))
+                else:
+                    n = min(n, chunk)
+                    groups.setdefault(min(1 << (n - 1).bit_length(), chunk), []).append((slot, n, s))
+            if not decode:
+                del groups[1]
+            if not groups:
                 return False
-            rows.sort()  # ascending slots: consecutive slots read the cache as a view
-            groups: dict[int, list[tuple[int, int]]] = {}
-            for slot, n in rows:
-                groups.setdefault(min(1 << (n - 1).bit_length(), self.prefill_chunk), []).append((slot, n))
             for T, group in groups.items():
+                group.sort(key=itemgetter(0))  # ascending slots: consecutive slots read the cache as a view
                 if T == 1 and self.graphs is not None:
                     self._static_forward(group)
                 else:
@@ -217,14 +291,17 @@ class StreamEngine:
             return True
 
     @torch.inference_mode()
-    def _forward(self, group: list[tuple[int, int]], T: int) -> None:
+    def _forward(self, group: list[_Row], T: int) -> None:
         B = len(group)
-        slots = torch.tensor([g[0] for g in group])
-        counts = torch.tensor([g[1] for g in group])
-        past = torch.tensor([self.slots[g[0]].length for g in group])
-        ids = torch.zeros(B, T, dtype=torch.long)
-        for r, (slot, n) in enumerate(group):
-            ids[r, :n] = torch.tensor(self.slots[slot].pending[:n])
+        slots = _long([slot for slot, _, _ in group])
+        counts = _long([n for _, n, _ in group])
+        past = _long([s.length for _, _, s in group])
+        flat: list[int] = []  # the ids, right-padded to T: one tensor for all rows, not a write per row
+        for _, n, s in group:
+            flat += s.pending[:n]
+            if n < T:
+                flat += [0] * (T - n)
+        ids = _long(flat).view(B, T)
         positions = past[:, None] + torch.arange(T)[None, :]
         self.cache.begin(StepPlan(self.cache, slots, past, counts, T, self.device))
         try:
@@ -232,32 +309,32 @@ class StreamEngine:
         finally:
             self.cache.begin(None)
         h = h.reshape(B * T, -1)
-        if B * T != sum(n for _, n in group):
+        if B * T != sum(n for _, n, _ in group):
             # real tokens only, row-major so each session's tokens stay consecutive; the index is built on
             # the CPU (a boolean mask on the device would force a sync to learn the output size)
             keep = (torch.arange(T)[None, :] < counts[:, None]).flatten().nonzero().squeeze(1)
             h = h.index_select(0, keep.to(self.device))
         o = self.model.heads(h)
         logits = (o.risk_logits, o.category_logits, o.query_risk_logits, o.query_category_logits)
-        # one device->host copy for the whole batch, then split per head and per session on the CPU
+        # one device->host copy for the whole batch; sessions only record their row ranges
         packed = torch.cat([x.float().softmax(-1) for x in logits], dim=-1).cpu()
         self._deliver(group, packed, B * T)
 
-    def _static_forward(self, group: list[tuple[int, int]]) -> None:
-        rows = [(slot, self.slots[slot].pending[0], self.slots[slot].length) for slot, _ in group]
-        packed = self.graphs.run(rows)
-        self._deliver(group, packed, self.graphs.bucket_size(max(slot for slot, _ in group)))
+    def _static_forward(self, group: list[_Row]) -> None:
+        packed = self.graphs.run([(slot, s.pending[0], s.length) for slot, _, s in group])
+        self._deliver(group, packed, self.graphs.bucket_size(group[-1][0]))
 
-    def _deliver(self, group: list[tuple[int, int]], packed: torch.Tensor, padded: int) -> None:
-        """Hand each session its rows of the packed head probabilities and advance its cache length."""
-        probs = packed.split(self.head_sizes, dim=-1)
-        start = 0
-        for slot, n in group:
-            s = self.slots[slot]
-            s.out.append(HeadProbs(*(p[start:start + n] for p in probs)))
+    def _deliver(self, group: list[_Row], packed: torch.Tensor, padded: int) -> None:
+        """Keep the packed head probabilities; each session records its row range and advances its
+        cache length (plain ints per session: no tensor op)."""
+        self.chunks.append(packed)
+        start = first = self.n_rows
+        for _, n, s in group:
+            s.out.append((start, start + n))
             del s.pending[:n]
             s.length += n
             start += n
+        self.n_rows = start
         self.stats.forwards += 1
-        self.stats.tokens += start
+        self.stats.tokens += start - first
         self.stats.padded_tokens += padded
