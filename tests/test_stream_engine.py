@@ -439,3 +439,85 @@ def test_compiled_static_step_matches_full_forward(loaded):
     refs = score_sequences(model, [seqs[s] for s in slots])
     for s, ref in zip(slots, refs):
         assert max_diff(HeadProbs.cat(outs[s]), ref, 0, len(seqs[s])) < TOL
+
+
+# ------------------------------------------------------------------------------ per-step host inputs
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_rows_are_the_additive_mask_of_keys_up_to_each_query(dtype):
+    """SlotCache.mask_rows (a row gather from one table) == additive_mask(keys <= q), bit for bit."""
+    from qguard.engine.kvcache import SlotCache
+    from qguard.model.qwen3 import additive_mask
+
+    cache = SlotCache(1, 2, 1, 50, 4, dtype, "cpu")
+    q = torch.tensor([0, 1, 7, 48, 49, 53])  # 53: a padded query past the cache (every key visible)
+    for span in (1, 8, 49, 50):
+        got = cache.mask_rows(49 - q.clamp(max=49), span)
+        want = additive_mask(torch.arange(span)[None, :] <= q[:, None], dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_static_inputs_are_one_buffer_filled_by_one_copy(loaded):
+    """The static step's ids, positions and write targets are views of ONE per-bucket buffer; padding
+    rows read id 0 at position 0 and write to the scratch slot; sparse slots land at their rows."""
+    eng = StreamEngine(loaded[0], max_sessions=8, max_context=32, static_decode=True)
+    g = eng.graphs
+    b, slots = g.load_inputs([(0, 101, 3), (1, 102, 4), (2, 103, 5)])  # dense: bucket 4, one padding row
+    assert slots == (0, 1, 2) and b.ids.shape == (4, 1) and b.inputs.shape == (3, 8)  # rows padded to 8
+    for view in (b.ids, b.pos, b.write_slot, b.write_pos):
+        assert view.untyped_storage().data_ptr() == b.inputs.untyped_storage().data_ptr()
+        assert view.data_ptr() % 64 == 0
+    sc = g.cache.scratch
+    assert torch.cat([b.ids, b.pos, b.write_slot], 1).T.tolist() == [[101, 102, 103, 0], [3, 4, 5, 0], [0, 1, 2, sc]]
+    b, slots = g.load_inputs([(5, 201, 7), (1, 202, 9)])  # sparse, unordered: bucket 8
+    assert slots == (5, 1) and b.inputs.shape == (3, 8)
+    assert b.inputs.tolist() == [[0, 202, 0, 0, 0, 201, 0, 0], [0, 9, 0, 0, 0, 7, 0, 0],
+                                 [sc, 1, sc, sc, sc, 5, sc, sc]]
+    out = g.run([(1, 300, 10), (0, 301, 11)])  # dense but unordered rows: each row gets its own slot's output
+    b = g.buckets[2]
+    assert b.ids.flatten().tolist() == [301, 300] and torch.equal(out, b.out[[1, 0]])
+
+
+def test_static_steps_with_sparse_slots_and_several_steps_per_run(loaded):
+    """prefill_chunk=1 sends every token through the static path, several static steps per run (the
+    returned outputs must not alias the bucket's buffer); a closed middle slot makes the rows sparse."""
+    model = loaded[0]
+    rng = random.Random(11)
+    eng = StreamEngine(model, max_sessions=6, max_context=64, prefill_chunk=1, static_decode=True)
+    slots = [eng.allocate() for _ in range(5)]
+    eng.free(slots[2])
+    live = [s for s in slots if s != slots[2]]
+    seqs = {s: [] for s in live}
+    outs: dict[int, list[HeadProbs]] = {s: [] for s in live}
+    for _ in range(4):
+        for s in live:
+            ids = random_ids(rng, rng.choice([1, 2, 4]))
+            eng.submit(s, ids)
+            seqs[s] += ids
+        for s, hp in eng.run().items():
+            outs[s].append(hp)
+    assert eng.stats.padded_tokens > eng.stats.tokens  # padding rows (slot 2, and to the bucket) ran too
+    for s, ref in zip(live, score_sequences(model, [seqs[s] for s in live])):
+        assert max_diff(HeadProbs.cat(outs[s]), ref, 0, len(seqs[s])) < TOL
+
+
+def test_step_plan_moves_all_its_inputs_in_one_tensor(loaded):
+    """The eager step's plan: write targets, positions, ids and mask rows come from one packed tensor."""
+    from qguard.engine.kvcache import SlotCache, StepPlan
+    from qguard.model.qwen3 import additive_mask
+
+    cache = SlotCache(1, 4, 1, 16, 4, torch.float32, "cpu")
+    slots, past, counts = torch.tensor([0, 2, 3]), torch.tensor([5, 0, 14]), torch.tensor([2, 4, 1])
+    ids = torch.arange(12).view(3, 4) + 100
+    p = StepPlan(cache, slots, past, counts, 4, torch.device("cpu"), ids=ids)
+    base = p.positions.untyped_storage().data_ptr()
+    for t in (p.write_slot, p.write_pos, p.ids, p.read_slots):
+        assert t.untyped_storage().data_ptr() == base
+    assert p.read_range is None and p.read_slots.tolist() == [0, 2, 3]
+    q = past[:, None] + torch.arange(4)
+    assert torch.equal(p.positions, q) and torch.equal(p.ids, ids)
+    assert p.write_slot.tolist() == [[0, 0, 4, 4], [2, 2, 2, 2], [3, 4, 4, 4]]
+    assert p.write_pos.tolist() == [[5, 6, 2, 3], [0, 1, 2, 3], [14, 1, 2, 3]]
+    assert p.span == 15
+    want = additive_mask(torch.arange(15)[None, None, :] <= q[:, :, None], torch.float32)[:, None]
+    assert torch.equal(p.mask, want)  # query 17 (padding of slot 3) is past the cache: sees every key

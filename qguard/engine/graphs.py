@@ -6,18 +6,25 @@ batch 1 on a GPU the launch overhead, not the math, sets the latency. A CUDA gra
 with one launch (the kernels inside still run one after another, so their number still counts). Graphs need fixed shapes and fixed buffer addresses, so a static step:
 - reads the rows of slots 0..B-1 (B a power-of-two bucket) over the FULL cache length with a mask,
   instead of the live span: same tensors every replay; rows of idle slots are padding;
-- takes its inputs from preallocated buffers (ids, positions, write targets) refilled before replay;
+- takes its inputs from one preallocated buffer per bucket (token ids | positions | write slots), refilled
+  before replay by ONE host->device copy (from a pinned staging buffer on CUDA, non_blocking);
 - writes padding rows' keys into the cache's scratch slot, as the eager path does.
 Sessions are given the lowest free slot, so live slots stay dense and the bucket stays small.
 The mask is built once per step as float 0/-inf (SDPA would otherwise convert a bool mask in every
-layer), and the model runs in its fused inference form when it has been fused (the default for loaded
-checkpoints): together they cut the kernels a step launches, see benchmarks/op_count.py.
+layer), as one row gather from the cache's mask table (`SlotCache.mask_rows`), and the model runs in its
+fused inference form when it has been fused (the default for loaded checkpoints): together they cut the
+kernels a step launches, see benchmarks/op_count.py.
+
+Host work per step (what the GPU waits for between replays): the inputs are packed into one int64
+`array` in Python (no `torch.tensor(list)`, no per-row tensor op), copied once to the device, the graph is
+replayed, and the live rows of the output come back in one device->host copy.
 
 Without CUDA (tests, CPU) the same static step runs eagerly: that is how its exactness is tested here.
 """
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +45,15 @@ class StaticPlan:
 
 
 class _Bucket:
-    def __init__(self, B: int, n_out: int, device: torch.device):
-        z = lambda: torch.zeros(B, 1, dtype=torch.long, device=device)  # noqa: E731
-        self.ids, self.pos, self.write_slot, self.write_pos = z(), z(), z(), z()
+    def __init__(self, B: int, n_out: int, scratch: int, device: torch.device):
+        # all inputs of the step in ONE buffer, so that refilling them is one copy: rows are the token ids,
+        # the positions (also where each row writes its key: one token per row) and the write slots; each
+        # row padded to a multiple of 8 (64 bytes), so every view stays aligned for compiled kernels
+        self.width = -(-B // 8) * 8
+        self.inputs = torch.zeros(3, self.width, dtype=torch.long, device=device)
+        self.inputs[2].fill_(scratch)  # warm-up and capture touch only the scratch slot
+        self.ids, self.pos, self.write_slot = (self.inputs[i, :B].view(B, 1) for i in range(3))
+        self.write_pos = self.pos
         self.out = torch.zeros(B, n_out, dtype=torch.float32, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -61,12 +74,17 @@ class DecodeGraphs:
         self.n_out = hc.num_risk_level + hc.num_category + hc.num_query_risk_level + hc.num_query_category
         self.keys = torch.arange(cache.max_ctx, device=self.device)
         self.float_mask = float_mask
-        # fixed 0-dim buffers for the mask's two values (a captured graph reads them at replay)
-        dtype = cache.k[0].dtype
-        self.zero = torch.zeros((), dtype=dtype, device=self.device)
-        self.neg_inf = torch.full((), float("-inf"), dtype=dtype, device=self.device)
         self.buckets: dict[int, _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        # host side of the inputs: a pinned staging buffer on CUDA (so the one copy per step can be
+        # non_blocking), reused every step once the event says the previous copy has read it
+        self.pinned = self.device.type == "cuda"
+        width = -(-max_sessions // 8) * 8  # the widest bucket's row (see _Bucket)
+        self.host = torch.zeros(3 * width, dtype=torch.long, pin_memory=self.pinned)
+        self.copied = torch.cuda.Event() if self.pinned else None
+        self.dense = tuple(range(max_sessions))  # rows for slots 0..n-1, in order: the common case
+        self.zeros = array("q", bytes(8 * width))
+        self.scratch = array("q", [cache.scratch]) * width
 
     def bucket_size(self, max_slot: int) -> int:
         return min(1 << max_slot.bit_length(), self.max_sessions)  # smallest power of two > max_slot
@@ -76,9 +94,11 @@ class DecodeGraphs:
         b.out.copy_(self.step_fn(b.ids, b.pos, b.write_slot, b.write_pos))
 
     def _step_tensors(self, ids, pos, write_slot, write_pos) -> torch.Tensor:
-        mask = (self.keys[None, :] <= pos)[:, None, None, :]  # [B, 1, 1, max_ctx]
-        if self.float_mask:
-            mask = torch.where(mask, self.zero, self.neg_inf)  # = SDPA's own conversion, done once per step
+        if self.float_mask:  # = SDPA's own conversion of the bool mask, done once per step
+            mask = self.cache.mask_rows((self.cache.max_ctx - 1) - pos.view(-1), self.cache.max_ctx)
+            mask = mask[:, None, None, :]  # [B, 1, 1, max_ctx]
+        else:
+            mask = (self.keys[None, :] <= pos)[:, None, None, :]
         self.cache.begin(StaticPlan(write_slot, write_pos, (0, ids.shape[0]), self.cache.max_ctx, mask))
         h = self.model.model(ids, pos, cache=self.cache)[:, 0]
         self.cache.begin(None)
@@ -90,8 +110,7 @@ class DecodeGraphs:
         b = self.buckets.get(B)
         if b is not None:
             return b
-        b = _Bucket(B, self.n_out, self.device)
-        b.write_slot.fill_(self.cache.scratch)  # warm-up and capture touch only the scratch slot
+        b = _Bucket(B, self.n_out, self.cache.scratch, self.device)
         if self.capture:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -107,28 +126,47 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, rows: list[tuple[int, int, int]]) -> torch.Tensor:
-        """rows: (slot, token id, position) for each session; returns packed probs [len(rows), C] on CPU."""
+        """rows: (slot, token id, position) for each session; returns packed probs [len(rows), C] on CPU
+        (a new tensor: the bucket's output buffer is overwritten by the next step)."""
         b, slots = self.load_inputs(rows)
         if b.graph is not None:
             b.graph.replay()
         else:
             self._step(b, b.ids.shape[0])
-        return b.out.cpu()[slots]
+        n = len(slots)
+        if slots == self.dense[:n]:  # the rows are the first n of the bucket: copy just those
+            return b.out[:n].to("cpu", copy=True)
+        return b.out.cpu().index_select(0, torch.frombuffer(array("q", slots), dtype=torch.long))
 
-    def load_inputs(self, rows: list[tuple[int, int, int]]) -> tuple[_Bucket, torch.Tensor]:
-        """Fill the input buffers of the bucket that serves `rows`; returns it and the rows' slots."""
-        B = self.bucket_size(max(slot for slot, _, _ in rows))
+    def load_inputs(self, rows: list[tuple[int, int, int]]) -> tuple[_Bucket, tuple[int, ...]]:
+        """Fill the input buffer of the bucket that serves `rows` with one host->device copy; returns the
+        bucket and the rows' slots."""
+        slots, ids, pos = zip(*rows)
+        n = len(slots)
+        B = self.bucket_size(max(slots))
         b = self._get(B)
-        # fill the host-side inputs with one indexed write each (no per-row tensor ops)
-        slots = torch.tensor([r[0] for r in rows])
-        ids = torch.zeros(B, 1, dtype=torch.long)
-        pos = torch.zeros(B, 1, dtype=torch.long)
-        wslot = torch.full((B, 1), self.cache.scratch, dtype=torch.long)
-        ids[slots, 0] = torch.tensor([r[1] for r in rows])
-        pos[slots, 0] = torch.tensor([r[2] for r in rows])
-        wslot[slots, 0] = slots
-        b.ids.copy_(ids)
-        b.pos.copy_(pos)
-        b.write_slot.copy_(wslot)
-        b.write_pos.copy_(pos)
+        W = b.width
+        if slots == self.dense[:n]:  # padding rows after the live ones: id 0, position 0, scratch slot
+            pad = W - n
+            a = array("q", ids)
+            a += self.zeros[:pad]
+            a.extend(pos)
+            a += self.zeros[:pad]
+            a.extend(slots)
+            a += self.scratch[:pad]
+        else:  # sparse slots (a session in the middle closed): place each row at its slot
+            a = array("q", bytes(16 * W))
+            a += self.scratch[:W]
+            for s, i, p in rows:
+                a[s], a[W + s], a[2 * W + s] = i, p, s
+        src = torch.frombuffer(a, dtype=torch.long)
+        dst = b.inputs.view(-1)
+        if self.pinned:
+            self.copied.synchronize()  # the previous step's copy has read the staging buffer
+            host = self.host[:3 * W]
+            host.copy_(src)
+            dst.copy_(host, non_blocking=True)
+            self.copied.record(torch.cuda.current_stream(self.device))
+        else:
+            dst.copy_(src)
         return b, slots

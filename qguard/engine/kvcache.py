@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from qguard.model.qwen3 import additive_mask
-
 
 class ContiguousCache:
     """One growing cache for a batch of equal-length rows (batch 1 decoding, prefix reuse).
@@ -68,6 +66,21 @@ class SlotCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.max_sessions, self.max_ctx, self.scratch = max_sessions, max_ctx, max_sessions
         self.plan: StepPlan | None = None
+        # causal mask rows as windows of one table (see `mask_rows`): 0 then -inf, in the cache's dtype
+        self.mask_table = torch.full((2 * max_ctx - 1,), float("-inf"), dtype=dtype, device=device)
+        self.mask_table[:max_ctx] = 0
+
+    def mask_rows(self, index: torch.Tensor, span: int) -> torch.Tensor:
+        """Float attention mask rows [len(index), span]: 0 (attend) for keys 0..q, -inf after, where
+        `index` = max_ctx - 1 - q for each query position q (clamped to max_ctx - 1, where every key of the
+        span is visible anyway).
+
+        Window j (length span) of the table is 0 for keys k <= max_ctx - 1 - j and -inf after, so a
+        query's row is one window: ONE gather of rows instead of a compare and a select over [queries,
+        span] (~8x less host time on CPU at 256 sessions x 1k). The values are exactly the float mask SDPA
+        would build from the bool mask `keys <= q` (`qguard.model.qwen3.additive_mask`).
+        """
+        return self.mask_table.unfold(0, span, 1).index_select(0, index)
 
     @staticmethod
     def nbytes(n_layers: int, max_sessions: int, n_kv: int, max_ctx: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -104,35 +117,52 @@ class StepPlan:
     Rows are sessions, right-padded to T query tokens. Row r holds `counts[r]` new tokens at positions
     past[r] .. past[r] + counts[r] - 1. Query t of row r sees keys 0 .. past[r] + t; padded queries write to
     the scratch slot and their outputs are dropped by the engine.
+
+    Every integer input of the step (write slots and positions, query positions, mask rows and, when given,
+    the token ids) is packed on the host into one [k, B, T] int64 tensor (pinned on CUDA) and moved to the
+    device with ONE non_blocking copy; the plan's tensors are views of it (`positions` and `ids` are the
+    model's inputs). The mask is gathered on the device from the cache's mask table, so no [B, T, span]
+    mask crosses to the device.
     """
 
     def __init__(self, cache: SlotCache, slots: torch.Tensor, past: torch.Tensor, counts: torch.Tensor, T: int,
-                 device: torch.device):
-        # slots, past, counts: CPU int64 [B]
+                 device: torch.device, ids: torch.Tensor | None = None):
+        # slots, past, counts: CPU int64 [B], counts >= 1 (every row has a token); ids: CPU int64 [B, T]
         B = slots.shape[0]
         t = torch.arange(T)
-        valid = t[None, :] < counts[:, None]  # [B, T]
+        q = past[:, None] + t[None, :]  # [B, T] query positions
         self.span = int((past + counts).max())
         self.single = None
         self.read_range = None
         self.read_slots = None
+        if T == 1:  # one token per row: no padding
+            write_slot, write_pos = slots[:, None], q
+        else:
+            valid = t[None, :] < counts[:, None]  # [B, T]
+            write_slot = torch.where(valid, slots[:, None], cache.scratch)
+            write_pos = torch.where(valid, q, t[None, :])
+        last = cache.max_ctx - 1
+        parts = [write_slot, write_pos, q, last - q.clamp(max=last)]
+        if ids is not None:
+            parts.append(ids)
+        host = torch.empty((len(parts), B, T), dtype=torch.long, pin_memory=torch.device(device).type == "cuda")
+        torch.stack(parts, out=host)
+        dev = host.to(device, non_blocking=True)
+        self.write_slot, self.write_pos, self.positions = dev[0], dev[1], dev[2]
+        self.ids = dev[4] if ids is not None else None
         if B == 1 and int(counts[0]) == T:
             a = int(past[0])
             self.single = (int(slots[0]), a, a + T)
             # T == 1: the one query sees every key, so no mask at all (lets SDPA take its fastest kernel)
-            self.mask = None if T == 1 else self._mask(past, t, device, cache.k[0].dtype)
+            self.mask = None if T == 1 else self._mask(cache, dev[3], B, T)
             return
-        self.write_slot = torch.where(valid, slots[:, None], cache.scratch).to(device)
-        self.write_pos = torch.where(valid, past[:, None] + t[None, :], t[None, :]).to(device)
         lo = int(slots[0])
         if bool((slots == torch.arange(lo, lo + B)).all()):
             self.read_range = (lo, lo + B)
         else:
-            self.read_slots = slots.to(device)
-        self.mask = self._mask(past, t, device, cache.k[0].dtype)
+            self.read_slots = dev[0][:, 0]  # = slots: a row's first token is always real
+        self.mask = self._mask(cache, dev[3], B, T)
 
-    def _mask(self, past: torch.Tensor, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        keys = torch.arange(self.span)
-        mask = keys[None, None, :] <= (past[:, None] + t[None, :])[:, :, None]  # [B, T, S]
+    def _mask(self, cache: SlotCache, index: torch.Tensor, B: int, T: int) -> torch.Tensor:
         # float 0/-inf, built once: a bool mask would be converted by SDPA in every layer
-        return additive_mask(mask[:, None].to(device), dtype)
+        return cache.mask_rows(index.reshape(-1), self.span).view(B, T, self.span)[:, None]  # [B, 1, T, S]

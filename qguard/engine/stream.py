@@ -301,11 +301,11 @@ class StreamEngine:
             flat += s.pending[:n]
             if n < T:
                 flat += [0] * (T - n)
-        ids = _long(flat).view(B, T)
-        positions = past[:, None] + torch.arange(T)[None, :]
-        self.cache.begin(StepPlan(self.cache, slots, past, counts, T, self.device))
+        # the plan moves ids, positions, write targets and mask rows to the device in one copy
+        plan = StepPlan(self.cache, slots, past, counts, T, self.device, ids=_long(flat).view(B, T))
+        self.cache.begin(plan)
         try:
-            h = self.model.model(ids.to(self.device), positions.to(self.device), cache=self.cache)
+            h = self.model.model(plan.ids, plan.positions, cache=self.cache)
         finally:
             self.cache.begin(None)
         h = h.reshape(B * T, -1)
