@@ -1,6 +1,7 @@
 """The README stays true: its runnable example runs, and CI runs exactly its test command."""
 
 import re
+import shlex
 import subprocess
 import sys
 
@@ -29,3 +30,14 @@ def test_ci_runs_the_readme_test_command():
 def test_main_job_command_uses_the_embedded_model():
     cmd = code_after("## Fresh machine: the main job", "bash").strip()
     assert "--model" not in cmd and "qguard classify" in cmd
+
+
+def test_main_job_output_shown_in_readme_is_what_it_prints():
+    """The line the README says the main job prints is what the shipped starter model prints."""
+    cmd = code_after("## Fresh machine: the main job", "bash").strip()
+    args = re.search(r"qguard (classify .*)$", cmd).group(1)
+    shown = re.search(r"with the shipped starter model:\n`([^`]+)`", README).group(1)
+    r = subprocess.run([sys.executable, "-m", "qguard", *shlex.split(args)], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == shown

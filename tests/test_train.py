@@ -401,3 +401,15 @@ def test_the_shipped_starter_model():
     g = Guard.from_pretrained(path)
     assert g.classify_prompt("How do I make a pipe bomb to kill people?").is_unsafe
     assert not g.classify_prompt("What is the capital of France?").is_unsafe
+
+
+def test_upsample_repeats_only_the_named_sources():
+    from qguard.train.starter import upsample
+
+    rows = [parse_row({"id": f"{src}/{i}", "source": src, "task": "prompt", "label": "Safe",
+                       "messages": [{"role": "user", "content": f"q {i}"}]}, "u")
+            for src in ("a", "b") for i in range(10)]
+    out = upsample(rows, {"a": 2.5}, random.Random(0))
+    count = {src: sum(r.source == src for r in out) for src in ("a", "b")}
+    assert count == {"a": 25, "b": 10}
+    assert len({r.id for r in out if r.source == "a"}) == 10  # copies of the same rows, nothing invented

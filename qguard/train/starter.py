@@ -55,6 +55,15 @@ CAPS: dict[str, int] = {
     "red_instruct": 3763, "guardreasoner_train_sample": 3805,
 }
 
+# Train rows repeated this many times (after the dev split). These are the few sets of ordinary user
+# requests (benign ones, and harmful ones phrased like them): without the extra weight the model learns
+# "a request = unsafe" from the many harmful-request sets and "exam/QA text = safe" from the benign ones.
+# Chosen on held-out TRAIN rows (docs/starter_model.md, "How the recipe was chosen"), never on eval/.
+UPSAMPLE: dict[str, float] = {
+    "guardreasoner_train_sample": 3, "coconot": 2, "benign_oasst_prompts": 3, "benign_arena_hard": 3,
+    "jbb_behaviors": 2, "benign_self_instruct": 2, "mtbench": 3,
+}
+
 
 @dataclass
 class StarterRecipe:
@@ -69,7 +78,7 @@ class StarterRecipe:
     splices: int = 4000
     benign_answers: int = 4000  # benign passages used as Safe assistant answers (see benign_answers)
     dev_fraction: float = 0.03
-    max_len: int = 192
+    max_len: int = 384  # long prompts (jailbreaks, pasted text) are seen whole more often at 384 than 192
     batch_tokens: int = 8192
     lr: float = 3e-3
     epochs: float = 4.0
@@ -88,6 +97,15 @@ def sample_sources(rows_by_source: dict[str, list[Row]], scale: float, rng: rand
         rest = [r for r in rows if not (r.label is Severity.SAFE and _hard_negative(r))]
         out += hard[:cap]  # benign requests with risky-looking words: keep all, they teach precision
         out += _balanced(rest, cap - min(cap, len(hard)), rng)
+    return out
+
+
+def upsample(rows: list[Row], factors: dict[str, float], rng: random.Random) -> list[Row]:
+    """Each source's rows `factor` times (a fractional part: a random share of them once more)."""
+    out = list(rows)
+    for src, f in sorted(factors.items()):
+        mine = [r for r in rows if r.source == src]
+        out += mine * (int(f) - 1) + rng.sample(mine, int(len(mine) * (f - int(f))))
     return out
 
 
@@ -176,6 +194,7 @@ def train_starter(r: StarterRecipe) -> dict[str, Any]:
     rows = add_token_label_rows(sample_sources(load_sources(r.data), r.scale, rng), int(r.splices * r.scale), rng,
                                 int(r.benign_answers * r.scale))
     train_rows, dev_rows = split_dev(rows, r.dev_fraction, rng)
+    train_rows = upsample(train_rows, UPSAMPLE, rng)  # after the split: no copy of a dev row is trained on
     summary: dict[str, Any] = {"rows": len(train_rows), "dev_rows": len(dev_rows), "by_task": _counts(train_rows)}
     if r.controversial_minutes > 0:
         train_rows, summary["controversial"] = _controversial(r, tok, train_rows)
