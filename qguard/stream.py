@@ -86,7 +86,8 @@ class TokenVerdict:
     def _fast(cls, *values) -> TokenVerdict:
         """`TokenVerdict(*values)` for the per-token hot path: the frozen dataclass __init__ sets each
         field through object.__setattr__, which costs more than the rest of a token's record; this fills
-        the instance dict at once (tests check the result equals the regular constructor's)."""
+        the instance dict at once (tests check the result equals the regular constructor's).
+        `StreamSession._consume` does the same inline, from a dict literal, to save the call."""
         tv = object.__new__(cls)
         tv.__dict__.update(zip(_TOKEN_VERDICT_FIELDS, values))
         return tv
@@ -101,6 +102,9 @@ class TokenVerdict:
 _TOKEN_VERDICT_FIELDS = tuple(f.name for f in dataclasses.fields(TokenVerdict))
 
 
+_ANSWER = (Part.ANSWER,)
+
+
 class _Reader:
     """Walks the assistant turn token by token and says which tokens are moderated (O(1) per token).
 
@@ -112,12 +116,12 @@ class _Reader:
         self.phase = "start" if thinking else "answer"
         self.moderate_thinking = moderate_thinking
 
-    def plan(self, ids: Sequence[int], phase: str | None = None) -> tuple[list[Part | None], str]:
+    def plan(self, ids: Sequence[int], phase: str | None = None) -> tuple[Sequence[Part | None], str]:
         """Part of each token (None = not moderated) and the phase after them, starting from `phase`
         (default: the current one); changes nothing."""
         phase, parts = phase or self.phase, []
         if phase == "answer" and IM_END not in ids and ENDOFTEXT not in ids:  # the common case, no loop
-            return [Part.ANSWER] * len(ids), phase
+            return _ANSWER * len(ids), phase  # a one-token push gets the shared tuple itself
         for tok in ids:
             part, phase = self._next(phase, tok)
             parts.append(part if part is not Part.THINK or self.moderate_thinking else None)
@@ -244,36 +248,43 @@ class StreamSession:
 
     def _consume(self, ids: Sequence[int], parts: Sequence[Part | None], table: _Table, a: int) -> list[TokenVerdict]:
         """Turn the engine's probabilities for pushed tokens (rows a.. of the run's `table`) into verdicts
-        (debounce + policy). Plain Python values only: the tensor work was done once for the whole run."""
+        (debounce + policy). Plain Python values only: the tensor work was done once for the whole run.
+
+        Runs for every session of every step, so it keeps to locals: the debounce and riskiest-token
+        bookkeeping is inline, and each TokenVerdict's instance dict is filled from one literal (keys =
+        `_TOKEN_VERDICT_FIELDS`, like `TokenVerdict._fast`), not through the frozen per-field setattr."""
         rd, out = self.guard._readout, []
         sev_keys, cat_keys, risk_names, cat_names = rd.sev_keys, rd.cat_keys, rd.risk_names, rd.cat_names
         sev, cat, unsafe, risk_idx, cat_idx = table.sev, table.cat, table.unsafe, table.risk_idx, table.cat_idx
         start = self.length
         self.length += len(ids)
-        d = self._debouncer
-        for j, (tok, part) in enumerate(zip(ids, parts)):
+        d, new = self._debouncer, object.__new__
+        r = a - 1
+        for tok, part in zip(ids, parts):
+            r += 1
             if part is None:
                 continue
-            r = a + j
             probs, cprobs = dict(zip(sev_keys, sev[r])), dict(zip(cat_keys, cat[r]))
             label, category = risk_names[risk_idx[r]], cat_names[cat_idx[r]]
             index = self.n_moderated
-            self.n_moderated += 1
-            self._track(label, probs, cprobs, category, unsafe[r])
-            out.append(TokenVerdict._fast(tok, index, start + j, part, probs, cprobs, label, category, d.label,
-                                          d.position, self.stop))
+            self.n_moderated = index + 1
+            u = unsafe[r]
+            label0, pos0 = d.label, d.position
+            d.push(label)
+            dlabel, dpos = d.label, d.position
+            if dlabel is not label0 or dpos != pos0:
+                self._decided = (probs, cprobs, category)
+                if not self.stop and self.guard._response_verdict(self).blocked:
+                    self.stop = True  # sticky: once blocked, the response stays cut off
+            riskiest = self._riskiest
+            if riskiest is None or u > riskiest[0]:
+                self._riskiest = (u, probs, cprobs, category)
+            tv = new(TokenVerdict)
+            tv.__dict__.update({"token_id": tok, "index": index, "position": start + r - a, "part": part,
+                                "probs": probs, "category_probs": cprobs, "label": label, "category": category,
+                                "response_label": dlabel, "unsafe_position": dpos, "stop": self.stop})
+            out.append(tv)
         return out
-
-    def _track(self, label: Severity, probs: dict, cprobs: dict, category: Category, unsafe: float) -> None:
-        d = self._debouncer
-        label0, pos0 = d.label, d.position
-        d.push(label)
-        if d.label is not label0 or d.position != pos0:
-            self._decided = (probs, cprobs, category)
-            if not self.stop and self.guard._response_verdict(self).blocked:
-                self.stop = True  # sticky: once blocked, the response stays cut off
-        if self._riskiest is None or unsafe > self._riskiest[0]:
-            self._riskiest = (unsafe, probs, cprobs, category)
 
 
 SEVERITY_KEYS = tuple(s.value for s in (Severity.SAFE, Severity.UNSAFE, Severity.CONTROVERSIAL))
@@ -450,8 +461,11 @@ class StreamGuard:
 
     def push_many(self, pushes: Mapping[StreamSession, Sequence[int]]) -> dict[StreamSession, list[TokenVerdict]]:
         """Push tokens to several sessions in one batched step."""
-        items = [(s, list(ids)) for s, ids in pushes.items()]
-        return {s: r for (s, _), r in zip(items, self._run(items))}
+        results = self._run_each([(s, list(ids), False) for s, ids in pushes.items()])
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return dict(zip(pushes, results))
 
     def close(self) -> None:
         """Stop the background step thread (sessions stay usable from sync code)."""
@@ -556,19 +570,22 @@ class StreamGuard:
             results: list = [None] * len(items)
             todo = []  # (item, session, ids, parts, reader phase after them, slot tokens before them, prompt)
             batch: dict[int, tuple[int, str | None]] = {}  # slot -> (tokens this batch adds, reader phase after)
+            validate, submit = self._validate, eng.submit  # bound once: the loops run per session
             for k, (s, ids, prompt) in enumerate(items):
-                before, phase = batch.get(s.slot, (0, None))
+                slot = s.slot
+                before, phase = batch.get(slot, (0, None))
                 try:
-                    parts, phase = self._validate(s, ids, before, phase, prompt)
+                    parts, phase = validate(s, ids, before, phase, prompt)
                     if ids:
-                        eng.submit(s.slot, ids, checked=True)
+                        submit(slot, ids, checked=True)
                 except (InputError, CapacityError) as e:
                     results[k] = e
                     continue
-                batch[s.slot] = (before + len(ids), phase)
+                batch[slot] = (before + len(ids), phase)
                 todo.append((k, s, ids, parts, phase, before, prompt))
             out = eng.run_packed()
             table: _Table | None = None  # read once for the whole run, when a response push needs it
+            rows = out.rows
             for k, s, ids, parts, phase, before, prompt in todo:
                 if prompt:  # once per session: per-session tensor views are fine here
                     s.length += len(ids)
@@ -581,17 +598,21 @@ class StreamGuard:
                     continue
                 if table is None:
                     table = self._readout.read(out.probs)
-                results[k] = s._consume(ids, parts, table, out.rows[s.slot][0] + before)
+                results[k] = s._consume(ids, parts, table, rows[s.slot][0] + before)
             return results
 
     def _validate(self, s: StreamSession, ids: list[int], extra: int, phase: str | None,
-                  prompt: bool) -> tuple[list[Part | None], str]:
+                  prompt: bool) -> tuple[Sequence[Part | None], str]:
         """(part of each token, reader phase after them) if the push is valid; raises otherwise."""
-        s._check_open()
+        if s.closed:
+            s._check_open()
         vocab = self._vocab
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
-        if bad:
-            raise InputError(f"token ids must be integers in 0..{vocab - 1}, got {bad[:5]}")
+        for i in ids:  # plain ints in range (the usual push) pass without building a list
+            if type(i) is not int or not 0 <= i < vocab:
+                bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+                if bad:
+                    raise InputError(f"token ids must be integers in 0..{vocab - 1}, got {bad[:5]}")
+                break
         total = s.length + extra + len(ids)
         if total > self.engine.max_context:
             raise CapacityError(f"stream session would reach {total} tokens, over the engine's max_context of "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -249,6 +250,22 @@ def test_token_verdict_fast_constructor_equals_the_dataclass_one():
     assert fast == plain and repr(fast) == repr(plain) and fast.to_dict() == plain.to_dict()
     with pytest.raises(AttributeError):
         fast.stop = True  # still frozen
+
+
+def test_pushed_verdicts_equal_the_dataclass_constructor(loaded):
+    """The session layer fills TokenVerdicts from a dict literal: same fields, same order, still frozen."""
+    model, labels, tok = loaded
+    sg = StreamGuard(model, tok, labels, max_sessions=2, max_context=64)
+    rng = random.Random(5)
+    with sg.open("Question") as s:
+        vs = s.push(answer_ids(rng, 4)) + sg.push_many({s: answer_ids(rng, 1)})[s]
+    assert len(vs) == 5
+    for v in vs:
+        plain = TokenVerdict(*vars(v).values())
+        assert list(vars(v)) == [f.name for f in dataclasses.fields(TokenVerdict)]
+        assert v == plain and repr(v) == repr(plain) and v.to_dict() == plain.to_dict()
+        with pytest.raises(AttributeError):
+            v.stop = True
 
 
 def test_undecided_responses_report_their_riskiest_token(loaded):

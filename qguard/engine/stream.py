@@ -214,7 +214,7 @@ class StreamEngine:
         `checked`: the caller has already validated the ids (the session layer does, for every push), so
         they are not scanned a second time."""
         with self.lock:
-            s = self._slot(slot)
+            s = self.slots.get(slot) or self._slot(slot)  # runs per session and push: no call when open
             total = s.length + len(s.pending) + len(ids)
             if total > self.max_context:
                 raise CapacityError(f"stream session would reach {total} tokens, over the engine's max_context of "
@@ -241,22 +241,29 @@ class StreamEngine:
     def _collect(self) -> PackedProbs:
         """The outputs of the steps since the last collection, each slot's rows made consecutive."""
         chunks, self.chunks, self.n_rows = self.chunks, [], 0
-        parts = {}
+        # slot -> its row range, or its list of ranges when its tokens came from several forwards; each
+        # slot's `out` list is emptied in place (no new list per session and step)
+        rows: dict = {}
+        multi = False
         for slot, s in self.slots.items():
-            if s.out:
-                parts[slot], s.out = s.out, []
+            out = s.out
+            if out:
+                if len(out) == 1:  # the common case: one forward per slot
+                    rows[slot] = out[0]
+                else:
+                    rows[slot], multi = out.copy(), True
+                out.clear()
         if len(chunks) == 1:
             probs = chunks[0]
         else:
             probs = torch.cat(chunks) if chunks else torch.zeros(0, sum(self.head_sizes))
-        if all(len(p) == 1 for p in parts.values()):  # the common case: one forward per slot
-            return PackedProbs(probs, {slot: p[0] for slot, p in parts.items()}, self.head_sizes)
+        if not multi:
+            return PackedProbs(probs, rows, self.head_sizes)
         # a slot's tokens came from several forwards (chunked prefill): one gather makes them consecutive
         order: list[int] = []
-        rows = {}
-        for slot, p in parts.items():
+        for slot, p in rows.items():
             start = len(order)
-            for a, b in p:
+            for a, b in ([p] if isinstance(p, tuple) else p):
                 order.extend(range(a, b))
             rows[slot] = (start, len(order))
         return PackedProbs(probs.index_select(0, _long(order)), rows, self.head_sizes)
