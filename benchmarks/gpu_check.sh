@@ -12,6 +12,7 @@
 #   parity_bf16      the same in bf16                                                     (~30 s, 90 s)
 #   parity_compiled  compiled static step vs full forward, 1 seed: tiny fp32, then 0.6B bf16
 #                    (one JSON line after each; compile dominates)                       (~2-3 min, 200 s)
+#   attention        attention_bench.py bf16: SDPA's GQA path vs the folded one-token step  (~15 s, 60 s)
 #   stream_bench     stream_bench.py 0.6B, --static-decode both, 1024 ctx, 1 and 256 sessions (~1-1.5 min, 150 s)
 #   profile          engine_profile.py 0.6B, 1 and 256 sessions x 1024                   (~1 min, 120 s)
 #   profile_compile  the same with --compile (two engines, two compiles)                  (~2-3 min, 240 s)
@@ -31,13 +32,14 @@ PY=python
 DEV="${QG_DEVICE:-cuda}"
 BIG="${QG_PRESET:-0.6B}"
 BUDGET="${QG_BUDGET_S:-480}"
-STEPS="${QG_STEPS:-env parity_fp32 parity_bf16 parity_compiled stream_bench profile profile_compile}"
+STEPS="${QG_STEPS:-env parity_fp32 parity_bf16 parity_compiled attention stream_bench profile profile_compile}"
 if [[ "$DEV" == cpu ]]; then  # smoke mode: the same command lines, small sizes
     CTX="${QG_CONTEXT:-128}"
     SESS="${QG_SESSIONS:-1 8}"
     BENCH_STEPS=3
     PROFILE_N=3
     STATIC=(--static)
+    ATTN=(--dtype float32 --batches 1,8 --context "$CTX" --seconds 0.2)
     export OMP_NUM_THREADS=1  # engine_parity.py keeps torch's default threads: on a shared CPU that is ~25x slower
 else
     CTX="${QG_CONTEXT:-1024}"
@@ -45,6 +47,7 @@ else
     BENCH_STEPS=20
     PROFILE_N=30
     STATIC=()
+    ATTN=(--dtype bfloat16 --batches 1,16,64,256 --context "$CTX" --seconds 1)
 fi
 read -r -a SESSIONS <<< "$SESS"
 if [[ -z "${OUT:-}" ]]; then
@@ -121,6 +124,8 @@ for preset, dtype, std in (("tiny", "float32", 0.2), (big, "bfloat16", 0.05)):
     if device.type == "cuda":
         torch.cuda.empty_cache()
 PYCODE
+
+run_step attention 60 $PY benchmarks/attention_bench.py --device "$DEV" "${ATTN[@]}"
 
 run_step stream_bench 150 $PY benchmarks/stream_bench.py --device "$DEV" --preset "$BIG" --static-decode both \
     --contexts "$CTX" --concurrency "${SESSIONS[@]}" --steps "$BENCH_STEPS" --official-tokens 1

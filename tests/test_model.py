@@ -72,6 +72,25 @@ def test_incremental_equals_full_forward(tiny_stream):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_token_folded_gqa_attention(masked):
+    """The decode step folds grouped query heads into the query axis; it must equal SDPA's own GQA."""
+    from qguard.model.qwen3 import Attention, Qwen3Config
+
+    cfg = Qwen3Config.from_dict(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=6, num_key_value_heads=2, head_dim=16))
+    attn = Attention(cfg, 0)
+    B, S = 3, 11
+    q, k, v = torch.randn(B, 6, 1, 16), torch.randn(B, 2, S, 16), torch.randn(B, 2, S, 16)
+    mask = None
+    if masked:  # rows see different numbers of keys, as in a batched engine step
+        keep = torch.arange(S)[None, :] < torch.tensor([S, 4, 1])[:, None]
+        mask = torch.zeros(B, 1, 1, S).masked_fill(~keep[:, None, None], float("-inf"))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=0.25)
+    got = attn._attend(q, k, v, None, mask)
+    torch.testing.assert_close(got, want.transpose(1, 2).reshape(B, 1, -1), atol=1e-6, rtol=0)
+
+
 def test_gen_parity_with_transformers(tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 

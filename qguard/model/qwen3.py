@@ -351,12 +351,28 @@ class Attention(nn.Module):
         B, _, T, _ = q.shape
         if cache is not None:
             k, v, attn_mask = cache.update(self.layer, k, v)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if T == 1 and self.n_kv != self.n_heads:
+            return self._attend_one_folded(q, k, v, attn_mask, scale)
         causal = cache is None and attn_mask is None
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads,
-            scale=1.0 / math.sqrt(self.head_dim),
+            q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads, scale=scale,
         )
         return y.transpose(1, 2).reshape(B, T, -1)
+
+    def _attend_one_folded(self, q, k, v, attn_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """One query token per row (the streaming decode step), GQA folded into the query axis.
+
+        The G = heads / kv_heads query heads that share a KV head become G "positions" of one KV head:
+        q [B, H, 1, D] -> [B, KV, G, D], attended against k/v [B, KV, S, D] as plain multi-head attention.
+        Exact (same dot products), and it avoids SDPA's GQA path, which expands K/V G-fold or, with a
+        mask on CUDA, rules out the memory-efficient kernel. The [B, 1, 1, S] mask row broadcasts over
+        the G rows, since they are the same query position. CPU, 0.6B shapes: ~1.3-1.45x faster attention.
+        """
+        B, H, _, D = q.shape
+        q = q.reshape(B, self.n_kv, H // self.n_kv, D)  # head h = kv * G + g, as SDPA's enable_gqa pairs them
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        return y.reshape(B, 1, H * D)
 
 
 class MLP(nn.Module):
