@@ -413,3 +413,78 @@ def test_upsample_repeats_only_the_named_sources():
     count = {src: sum(r.source == src for r in out) for src in ("a", "b")}
     assert count == {"a": 25, "b": 10}
     assert len({r.id for r in out if r.source == "a"}) == 10  # copies of the same rows, nothing invented
+
+
+def test_sampled_lm_loss_is_the_full_softmax_when_every_token_is_a_candidate():
+    from qguard.train.pretrain import sampled_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    emb, hidden = torch.randn(50, 8, generator=g), torch.randn(12, 8, generator=g)
+    targets = torch.randint(0, 50, (12,), generator=g)
+    full = torch.nn.functional.cross_entropy(hidden @ emb.T, targets)
+    torch.testing.assert_close(sampled_lm_loss(hidden, targets, emb, torch.arange(50)), full)
+    # with fewer candidates the loss is smaller (fewer competitors), never larger
+    assert sampled_lm_loss(hidden, targets, emb, torch.tensor([0])) <= full
+
+
+def test_pretraining_learns_next_tokens_and_leaves_the_heads_alone(tok):
+    from qguard.train.pretrain import PretrainConfig, pretrain_backbone, sampled_lm_loss
+
+    # two fixed "sentences": after pre-training the backbone predicts their next tokens far better
+    seqs = [tok("the quick brown fox jumps over the lazy dog")["input_ids"],
+            tok("un deux trois quatre cinq six sept huit")["input_ids"]] * 8
+    model = fresh_model(TINY, 0)
+    heads = {k: v.clone() for k, v in model.state_dict().items() if "head" in k}
+    ids = torch.tensor(seqs[0])[None]
+    cand = torch.tensor(sorted({t for s in seqs for t in s}))
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(sampled_lm_loss(model.model(ids)[0, :-1], ids[0, 1:], model.model.embed_tokens.weight, cand))
+
+    before = loss()
+    res = pretrain_backbone(model, seqs, PretrainConfig(minutes=None, max_steps=60, lr=1e-2, warmup_steps=5,
+                                                        negatives=16, log_every=10))
+    assert res.steps == 60 and res.tokens > 0 and len(res.history) == 6
+    assert loss() < 0.3 * before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in heads.items())
+    # the pre-trained model is the starting point of the Stream trainer
+    ex = [encode_row(tok, prompt_row("how do I build a bomb", rid="a")),
+          encode_row(tok, prompt_row("how do I bake bread", "Safe", rid="b"))]
+    out = train_stream(StreamTrainConfig(arch=TINY, max_steps=2, warmup_steps=1), ex, model=model)
+    assert out.model is model
+
+
+def test_pretraining_rejects_empty_input():
+    from qguard.train.pretrain import PretrainConfig, pretrain_backbone
+
+    with pytest.raises(InputError, match="sequence"):
+        pretrain_backbone(fresh_model(TINY, 0), [[1]], PretrainConfig(max_steps=1))
+    with pytest.raises(InputError, match="budget"):
+        pretrain_backbone(fresh_model(TINY, 0), [[1, 2, 3]], PretrainConfig(minutes=None))
+
+
+def test_train_starter_end_to_end_with_pretraining(tmp_path):
+    """The one re-training command, at toy scale on a toy data folder: pre-train, train, save, load."""
+    data = tmp_path / "train"
+    data.mkdir()
+    rows = []
+    for i in range(12):
+        bad = i % 2 == 0
+        rows.append({"id": f"p{i}", "task": "prompt", "label": "Unsafe" if bad else "Safe",
+                     "categories": ["Violent"] if bad else [],
+                     "messages": [{"role": "user", "content": ("how to hurt someone " if bad else "a recipe for soup ")
+                                   + str(i)}]})
+        rows.append({"id": f"r{i}", "task": "response", "label": "Unsafe" if bad else "Safe",
+                     "categories": ["Violent"] if bad else [],
+                     "messages": [{"role": "user", "content": "tell me"},
+                                  {"role": "assistant", "content": ("hit them hard " if bad else "sure, here it is ")
+                                   + str(i)}]})
+    (data / "toy.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", "utf-8")
+    out = tmp_path / "starter"
+    rc = main(["train", "starter", "--data", str(data), "--out", str(out), "--minutes", "0.05",
+               "--pretrain-minutes", "0.03", "--controversial-minutes", "0", "--epochs", "1"])
+    assert rc == 0
+    summary = json.loads((out / "training_summary.json").read_text("utf-8"))
+    assert summary["pretrain"]["steps"] >= 1 and summary["pretrain"]["sequences"] >= 20
+    assert Guard.from_pretrained(out).classify_prompt("hello").label in set(Severity)

@@ -71,6 +71,8 @@ def _starter_parser(tsub) -> None:
     p.add_argument("--out", default=None, help="default: qguard/assets/starter")
     p.add_argument("--minutes", type=float, default=None, help="final training budget (default 20)")
     p.add_argument("--controversial-minutes", type=float, default=None, help="A/B models budget (default 4, 0 skips)")
+    p.add_argument("--pretrain-minutes", type=float, default=None,
+                   help="self-supervised pre-training of the backbone first (default 12, 0 skips)")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--scale", type=float, default=None, help="multiply the per-source row caps")
     p.add_argument("--threads", type=int, default=None)
@@ -166,7 +168,8 @@ def run_starter(args: argparse.Namespace) -> int:
     logging.getLogger("qguard").setLevel(logging.INFO)
     r = replace_recipe(StarterRecipe(), data=tuple(args.data) if args.data else None,
                        out=Path(args.out) if args.out else None, minutes=args.minutes,
-                       controversial_minutes=args.controversial_minutes, epochs=args.epochs, scale=args.scale,
+                       controversial_minutes=args.controversial_minutes, pretrain_minutes=args.pretrain_minutes,
+                       epochs=args.epochs, scale=args.scale,
                        threads=args.threads, seed=args.seed)
     check_recipe(r)
     print(json.dumps(train_starter(r), indent=2, default=str))

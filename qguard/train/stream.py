@@ -266,12 +266,16 @@ class Schedule:
             g["lr"] = lr * f
 
 
-def train_stream(cfg: StreamTrainConfig, examples: Sequence[Example], ctx: D.DistContext | None = None) -> TrainResult:
-    """Train on `examples` (already encoded); write the checkpoint to cfg.out on rank 0 if set."""
+def train_stream(cfg: StreamTrainConfig, examples: Sequence[Example], ctx: D.DistContext | None = None,
+                 model: StreamGuardModel | None = None) -> TrainResult:
+    """Train on `examples` (already encoded); write the checkpoint to cfg.out on rank 0 if set.
+
+    `model`: start from this model (e.g. a pre-trained backbone, `qguard.train.pretrain`) instead of cfg.init.
+    """
     if not examples:
         raise InputError("no training examples")
     ctx = ctx or D.setup(cfg.device, cfg.strategy)
-    model = initial_model(cfg)
+    model = initial_model(cfg) if model is None else model.train()
     prepare_backbone(model, cfg.backbone, cfg.lora_rank)
     model = ctx.wrap(model.to(ctx.device).train())
     rng = random.Random(cfg.seed)
