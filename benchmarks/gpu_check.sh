@@ -13,6 +13,7 @@
 #   parity_compiled  compiled static step vs full forward, 1 seed: tiny fp32, then 0.6B bf16
 #                    (one JSON line after each; compile dominates)                       (~2-3 min, 200 s)
 #   attention        attention_bench.py bf16: SDPA's GQA path vs the folded one-token step  (~15 s, 60 s)
+#   span             span_bench.py bf16: static step over the whole 4k cache vs its span bucket (~30 s, 90 s)
 #   stream_bench     stream_bench.py 0.6B, --static-decode both, 1024 ctx, 1 and 256 sessions (~1-1.5 min, 150 s)
 #   profile          engine_profile.py 0.6B, 1 and 256 sessions x 1024                   (~1 min, 120 s)
 #   profile_compile  the same with --compile (two engines, two compiles)                  (~2-3 min, 240 s)
@@ -32,7 +33,7 @@ PY=python
 DEV="${QG_DEVICE:-cuda}"
 BIG="${QG_PRESET:-0.6B}"
 BUDGET="${QG_BUDGET_S:-480}"
-STEPS="${QG_STEPS:-env parity_fp32 parity_bf16 parity_compiled attention stream_bench profile profile_compile}"
+STEPS="${QG_STEPS:-env parity_fp32 parity_bf16 parity_compiled attention span stream_bench profile profile_compile}"
 if [[ "$DEV" == cpu ]]; then  # smoke mode: the same command lines, small sizes
     CTX="${QG_CONTEXT:-128}"
     SESS="${QG_SESSIONS:-1 8}"
@@ -40,6 +41,7 @@ if [[ "$DEV" == cpu ]]; then  # smoke mode: the same command lines, small sizes
     PROFILE_N=3
     STATIC=(--static)
     ATTN=(--dtype float32 --batches 1,8 --context "$CTX" --seconds 0.2)
+    SPAN=(--dtype float32 --batch 1,8 --max-context 512 --position 100 --seconds 0.2)
     export OMP_NUM_THREADS=1  # engine_parity.py keeps torch's default threads: on a shared CPU that is ~25x slower
 else
     CTX="${QG_CONTEXT:-1024}"
@@ -48,6 +50,7 @@ else
     PROFILE_N=30
     STATIC=()
     ATTN=(--dtype bfloat16 --batches 1,16,64,256 --context "$CTX" --seconds 1)
+    SPAN=(--dtype bfloat16 --batch 1,16,64 --max-context 4096 --position 300 --seconds 1)  # 64 x 4k: 15 GB of KV
 fi
 read -r -a SESSIONS <<< "$SESS"
 if [[ -z "${OUT:-}" ]]; then
@@ -126,6 +129,8 @@ for preset, dtype, std in (("tiny", "float32", 0.2), (big, "bfloat16", 0.05)):
 PYCODE
 
 run_step attention 60 $PY benchmarks/attention_bench.py --device "$DEV" "${ATTN[@]}"
+
+run_step span 90 $PY benchmarks/span_bench.py --device "$DEV" --preset "$BIG" "${SPAN[@]}"
 
 run_step stream_bench 150 $PY benchmarks/stream_bench.py --device "$DEV" --preset "$BIG" --static-decode both \
     --contexts "$CTX" --concurrency "${SESSIONS[@]}" --steps "$BENCH_STEPS" --official-tokens 1

@@ -474,8 +474,35 @@ def test_static_inputs_are_one_buffer_filled_by_one_copy(loaded):
     assert b.inputs.tolist() == [[0, 202, 0, 0, 0, 201, 0, 0], [0, 9, 0, 0, 0, 7, 0, 0],
                                  [sc, 1, sc, sc, sc, 5, sc, sc]]
     out = g.run([(1, 300, 10), (0, 301, 11)])  # dense but unordered rows: each row gets its own slot's output
-    b = g.buckets[2]
+    b = g.last
+    assert g.buckets[2, 32] is b  # bucket 2, span min(64, max_context)
     assert b.ids.flatten().tolist() == [301, 300] and torch.equal(out, b.out[[1, 0]])
+
+
+def test_static_steps_read_a_span_bucket_not_the_whole_cache(loaded):
+    """With a large cache and short sessions the static step attends over a power-of-two span bucket
+    above the last position (not max_context), and stays exact while sessions cross span boundaries."""
+    model = loaded[0]
+    rng = random.Random(5)
+    eng = StreamEngine(model, max_sessions=4, max_context=512, static_decode=True)
+    slots = [eng.allocate() for _ in range(3)]
+    seqs = {s: random_ids(rng, 40 + 10 * i) for i, s in enumerate(slots)}
+    for s in slots:
+        eng.submit(s, seqs[s])
+    outs = {s: [hp] for s, hp in eng.run().items()}
+    spans = set()
+    for _ in range(100):  # positions 40..159: spans 64, 128 and 256
+        for s in slots:
+            ids = random_ids(rng, 1)
+            eng.submit(s, ids)
+            seqs[s] += ids
+        for s, hp in eng.run().items():
+            outs[s].append(hp)
+        spans.add(eng.graphs.last.span)
+    assert spans == {64, 128, 256} and {span for _, span in eng.graphs.buckets} == spans
+    refs = score_sequences(model, [seqs[s] for s in slots])
+    for s, ref in zip(slots, refs):
+        assert max_diff(HeadProbs.cat(outs[s]), ref, 0, len(seqs[s])) < TOL
 
 
 def test_static_steps_with_sparse_slots_and_several_steps_per_run(loaded):

@@ -4,8 +4,11 @@ Why: a decode step (one new token per session) of a 28-layer model launches hund
 (~1,700 in the plain form, ~500 in the fused inference form, counted by benchmarks/op_count.py); at
 batch 1 on a GPU the launch overhead, not the math, sets the latency. A CUDA graph replays the whole step
 with one launch (the kernels inside still run one after another, so their number still counts). Graphs need fixed shapes and fixed buffer addresses, so a static step:
-- reads the rows of slots 0..B-1 (B a power-of-two bucket) over the FULL cache length with a mask,
-  instead of the live span: same tensors every replay; rows of idle slots are padding;
+- reads the rows of slots 0..B-1 (B a power-of-two bucket) over the first S keys of the cache with a
+  mask, S a power-of-two span bucket above the step's last position (at least MIN_SPAN, at most the
+  cache length), instead of the exact live span: same tensors every replay of a (B, S) graph; rows of
+  idle slots are padding. The span bucket keeps attention proportional to the conversations' length
+  rather than to max_context (a 4k-token cache serving 300-token chats reads 512 keys per row, not 4k);
 - takes its inputs from one preallocated buffer per bucket (token ids | positions | write slots), refilled
   before replay by ONE host->device copy (from a pinned staging buffer on CUDA, non_blocking);
 - writes padding rows' keys into the cache's scratch slot, as the eager path does.
@@ -44,8 +47,11 @@ class StaticPlan:
     single: None = None
 
 
+MIN_SPAN = 64  # smallest span bucket: fewer graphs for the first tokens of a conversation
+
+
 class _Bucket:
-    def __init__(self, B: int, n_out: int, scratch: int, device: torch.device):
+    def __init__(self, B: int, span: int, n_out: int, scratch: int, device: torch.device):
         # all inputs of the step in ONE buffer, so that refilling them is one copy: rows are the token ids,
         # the positions (also where each row writes its key: one token per row) and the write slots; each
         # row padded to a multiple of 8 (64 bytes), so every view stays aligned for compiled kernels
@@ -55,6 +61,7 @@ class _Bucket:
         self.ids, self.pos, self.write_slot = (self.inputs[i, :B].view(B, 1) for i in range(3))
         self.write_pos = self.pos
         self.out = torch.zeros(B, n_out, dtype=torch.float32, device=device)
+        self.span = span  # keys 0..span-1 are read; every row's position is below it
         self.graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -62,10 +69,11 @@ class DecodeGraphs:
     """Runs one-token-per-session steps through static buckets (CUDA graphs when `capture`)."""
 
     def __init__(self, model, cache: SlotCache, max_sessions: int, capture: bool, compile_step: bool = False,
-                 float_mask: bool = True):
+                 float_mask: bool = True, span_buckets: bool = True):
         """`compile_step`: also run the step through torch.compile (inductor fuses the ~20 small kernels
         per layer: norms, RoPE, activations). Experimental; off by default.
-        `float_mask=False` passes the bool mask as before (for before/after comparisons)."""
+        `float_mask=False` passes the bool mask as before, `span_buckets=False` reads the whole cache
+        (both for before/after comparisons)."""
         self.model, self.cache, self.capture = model, cache, capture
         self.step_fn = torch.compile(self._step_tensors, dynamic=True) if compile_step else self._step_tensors
         self.device = next(model.parameters()).device
@@ -73,8 +81,9 @@ class DecodeGraphs:
         hc = model.head_config
         self.n_out = hc.num_risk_level + hc.num_category + hc.num_query_risk_level + hc.num_query_category
         self.keys = torch.arange(cache.max_ctx, device=self.device)
-        self.float_mask = float_mask
-        self.buckets: dict[int, _Bucket] = {}
+        self.float_mask, self.span_buckets = float_mask, span_buckets
+        self.buckets: dict[tuple[int, int], _Bucket] = {}  # (B, span) -> bucket
+        self.last: _Bucket | None = None  # the bucket of the latest step (for profiling)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         # host side of the inputs: a pinned staging buffer on CUDA (so the one copy per step can be
         # non_blocking), reused every step once the event says the previous copy has read it
@@ -89,28 +98,33 @@ class DecodeGraphs:
     def bucket_size(self, max_slot: int) -> int:
         return min(1 << max_slot.bit_length(), self.max_sessions)  # smallest power of two > max_slot
 
+    def span_size(self, max_pos: int) -> int:
+        if not self.span_buckets:
+            return self.cache.max_ctx
+        return min(max(1 << max_pos.bit_length(), MIN_SPAN), self.cache.max_ctx)  # a power of two > max_pos
+
     def _step(self, b: _Bucket, B: int) -> None:
         """The static step: fixed shapes, reads/writes only through b's buffers and the cache."""
-        b.out.copy_(self.step_fn(b.ids, b.pos, b.write_slot, b.write_pos))
+        b.out.copy_(self.step_fn(b.ids, b.pos, b.write_slot, b.write_pos, b.span))
 
-    def _step_tensors(self, ids, pos, write_slot, write_pos) -> torch.Tensor:
+    def _step_tensors(self, ids, pos, write_slot, write_pos, span: int) -> torch.Tensor:
         if self.float_mask:  # = SDPA's own conversion of the bool mask, done once per step
-            mask = self.cache.mask_rows((self.cache.max_ctx - 1) - pos.view(-1), self.cache.max_ctx)
-            mask = mask[:, None, None, :]  # [B, 1, 1, max_ctx]
+            mask = self.cache.mask_rows((self.cache.max_ctx - 1) - pos.view(-1), span)
+            mask = mask[:, None, None, :]  # [B, 1, 1, span]
         else:
-            mask = (self.keys[None, :] <= pos)[:, None, None, :]
-        self.cache.begin(StaticPlan(write_slot, write_pos, (0, ids.shape[0]), self.cache.max_ctx, mask))
+            mask = (self.keys[None, :span] <= pos)[:, None, None, :]
+        self.cache.begin(StaticPlan(write_slot, write_pos, (0, ids.shape[0]), span, mask))
         h = self.model.model(ids, pos, cache=self.cache)[:, 0]
         self.cache.begin(None)
         o = self.model.heads(h)
         logits = (o.risk_logits, o.category_logits, o.query_risk_logits, o.query_category_logits)
         return torch.cat([x.float().softmax(-1) for x in logits], dim=-1)
 
-    def _get(self, B: int) -> _Bucket:
-        b = self.buckets.get(B)
+    def _get(self, B: int, span: int) -> _Bucket:
+        b = self.buckets.get((B, span))
         if b is not None:
             return b
-        b = _Bucket(B, self.n_out, self.cache.scratch, self.device)
+        b = _Bucket(B, span, self.n_out, self.cache.scratch, self.device)
         if self.capture:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -121,7 +135,7 @@ class DecodeGraphs:
             b.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(b.graph, pool=self.pool), torch.inference_mode():
                 self._step(b, B)
-        self.buckets[B] = b
+        self.buckets[B, span] = b
         return b
 
     @torch.inference_mode()
@@ -144,7 +158,7 @@ class DecodeGraphs:
         slots, ids, pos = zip(*rows)
         n = len(slots)
         B = self.bucket_size(max(slots))
-        b = self._get(B)
+        b = self.last = self._get(B, self.span_size(max(pos)))
         W = b.width
         if slots == self.dense[:n]:  # padding rows after the live ones: id 0, position 0, scratch slot
             pad = W - n
