@@ -193,7 +193,7 @@ def test_cli_train_stream_end_to_end(tmp_path):
                "--arch", json.dumps({k: TINY[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                            "num_attention_heads", "num_key_value_heads", "head_dim",
                                                            "guard_inner_size")}),
-               "--splices", "4", "--no-tokenizer-files"])
+               "--splices", "4", "--no-tokenizer-files", "--sparse-embedding"])
     assert rc == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3ForGuardModel"] and cfg["guard_inner_size"] == 16
@@ -453,6 +453,44 @@ def test_pretraining_learns_next_tokens_and_leaves_the_heads_alone(tok):
           encode_row(tok, prompt_row("how do I bake bread", "Safe", rid="b"))]
     out = train_stream(StreamTrainConfig(arch=TINY, max_steps=2, warmup_steps=1), ex, model=model)
     assert out.model is model
+
+
+def test_sparse_embedding_adam_equals_dense_adam_except_that_absent_rows_stay_put():
+    from qguard.train.optim import TrainOptimizer
+
+    dense, lazy = fresh_model(TINY, 0), fresh_model(TINY, 0)
+    opts = {id(dense): TrainOptimizer(dense, 1e-2, 0.01), id(lazy): TrainOptimizer(lazy, 1e-2, 0.01, sparse_embedding=True)}
+    assert lazy.model.embed_tokens.sparse and not dense.model.embed_tokens.sparse
+
+    def step(model, ids) -> float:
+        out = model(ids)
+        (1e4 * sum(t.float().square().mean() for t in vars(out).values())).backward()
+        opt = opts[id(model)]
+        norm = float(opt.clip_grad_norm_(1.0))
+        assert norm > 1.0  # the clip coefficient is active
+        opt.step()
+        opt.zero_grad()
+        return norm
+
+    first, second = torch.arange(10, 20)[None], torch.arange(30, 40)[None]
+    assert step(dense, first) == pytest.approx(step(lazy, first), rel=1e-5)
+    # step 1: identical everywhere (up to where SparseAdam adds eps: visible only for gradients near 1e-8)
+    close = dict(atol=1e-4, rtol=1e-3)  # a step moves a weight by ~lr = 1e-2
+    for a, b in zip(dense.parameters(), lazy.parameters()):
+        torch.testing.assert_close(a, b, **close)
+    emb_after_first = lazy.model.embed_tokens.weight.detach().clone()
+    assert step(dense, second) == pytest.approx(step(lazy, second), rel=1e-5)
+    d, w = dense.model.embed_tokens.weight.detach(), lazy.model.embed_tokens.weight.detach()
+    # rows of step 1 only: dense Adam keeps moving them on momentum, lazy Adam leaves them where they were
+    assert torch.equal(w[10:20], emb_after_first[10:20]) and not torch.allclose(d[10:20], w[10:20])
+    keep = torch.ones(len(w), dtype=torch.bool)
+    keep[10:20] = False
+    torch.testing.assert_close(d[keep], w[keep], **close)  # every other row (and every other tensor) agrees
+    for (name, a), b in zip(dense.named_parameters(), lazy.parameters()):
+        if "embed_tokens" not in name:
+            torch.testing.assert_close(a, b, **close)
+    opts[id(lazy)].close()
+    assert not lazy.model.embed_tokens.sparse
 
 
 def test_pretraining_rejects_empty_input():

@@ -53,6 +53,9 @@ def _stream_parser(tsub) -> None:
     p.add_argument("--controversial-minutes", type=float, default=0.0,
                    help="run the A/B strict/loose Controversial relabelling first, with this budget")
     p.add_argument("--no-tokenizer-files", action="store_true", help="do not copy the Qwen3 tokenizer files")
+    p.add_argument("--sparse-embedding", action="store_true",
+                   help="lazy Adam on a sparse token-embedding gradient: faster CPU steps, not always a better model "
+                        "(single process; docs/benchmarks.md, Training)")
     p.set_defaults(func=run_stream)
 
 
@@ -138,6 +141,7 @@ def run_stream(args: argparse.Namespace) -> int:
         epochs=args.epochs, max_steps=args.max_steps, max_minutes=args.minutes, lr=args.lr,
         batch_tokens=args.batch_tokens, max_len=args.max_len, seed=args.seed, save_dtype=args.save_dtype,
         tokenizer_files=not args.no_tokenizer_files, device=args.device, strategy="fsdp" if args.fsdp else "ddp",
+        sparse_embedding=args.sparse_embedding,
     )
     res = train_stream(cfg, encode_rows(tok, rows, args.max_len, args.max_len // 2))
     _print_main({"out": args.out, "steps": res.steps, "seconds": round(res.seconds, 1),

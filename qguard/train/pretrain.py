@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from qguard.errors import InputError
 from qguard.model.stream import StreamGuardModel
 from qguard.tokenizer import ENDOFTEXT
-from qguard.train.stream import Schedule, _optimizer, make_batches
+from qguard.train.optim import TrainOptimizer
+from qguard.train.stream import Schedule, make_batches
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class PretrainConfig:
     negatives: int = 2048  # random corpus tokens scored beside each batch's targets
     seed: int = 0
     log_every: int = 50
+    sparse_embedding: bool = False  # opt-in lazy Adam on the (tied) embedding: train/optim.py
 
 
 @dataclass
@@ -58,13 +59,14 @@ class _Seq:  # what make_batches reads
 
 
 def sampled_lm_loss(hidden: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor,
-                    negatives: torch.Tensor) -> torch.Tensor:
+                    negatives: torch.Tensor, sparse: bool = False) -> torch.Tensor:
     """Cross-entropy of next tokens over candidates = this batch's targets + `negatives` (tied output).
 
-    hidden [N, d] (final-norm states of the positions that predict), targets [N] token ids.
+    hidden [N, d] (final-norm states of the positions that predict), targets [N] token ids. `sparse`:
+    the embedding's gradient from this output layer is a sparse tensor (as from a sparse input lookup).
     """
     cand = torch.unique(torch.cat([targets, negatives]))  # sorted: targets map to candidates by search
-    logits = hidden @ embedding[cand].T
+    logits = hidden @ F.embedding(cand, embedding, sparse=sparse).T
     return F.cross_entropy(logits, torch.searchsorted(cand, targets))
 
 
@@ -78,8 +80,8 @@ def pretrain_backbone(model: StreamGuardModel, sequences: Sequence[Sequence[int]
     backbone = model.model.train()
     device = backbone.embed_tokens.weight.device
     corpus_tokens = torch.unique(torch.tensor([t for s in seqs for t in s.ids], device=device))
-    params = [p for p in backbone.parameters() if p.requires_grad]
-    opt = _optimizer(backbone, cfg)  # the Stream trainer's groups: no decay on norms and the embedding
+    opt = TrainOptimizer(backbone, cfg.lr, cfg.weight_decay, cfg.sparse_embedding)
+    emb = backbone.embed_tokens
     total = cfg.max_steps or 10**9  # with only a time budget the schedule follows the clock
     sched = Schedule(opt, cfg.warmup_steps, total, cfg.minutes)
     rng, gen = random.Random(cfg.seed), torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -90,18 +92,19 @@ def pretrain_backbone(model: StreamGuardModel, sequences: Sequence[Sequence[int]
             hidden = backbone(ids)[:, :-1][valid]
             targets = ids[:, 1:][valid]
             neg = corpus_tokens[torch.randint(len(corpus_tokens), (cfg.negatives,), generator=gen).to(device)]
-            loss = sampled_lm_loss(hidden, targets, backbone.embed_tokens.weight, neg)
+            loss = sampled_lm_loss(hidden, targets, emb.weight, neg, sparse=emb.sparse)
             loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.clip_grad_norm_(1.0)
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             step, seen = step + 1, seen + len(targets)
             sched.step(step)
             if step % cfg.log_every == 0:
-                history.append({"step": step, "loss": round(float(loss), 4), "seconds": round(time.monotonic() - t0, 1)})
-                log.info("pretrain step %d loss %.3f (%.0fs)", step, float(loss), time.monotonic() - t0)
+                history.append({"step": step, "loss": round(float(loss.detach()), 4), "seconds": round(time.monotonic() - t0, 1)})
+                log.info("pretrain step %d loss %.3f (%.0fs)", step, history[-1]["loss"], time.monotonic() - t0)
             if _done(cfg, step, t0):
                 break
+    opt.close()
     return PretrainResult(step, time.monotonic() - t0, seen, history)
 
 

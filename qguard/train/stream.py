@@ -32,6 +32,7 @@ from qguard.tokenizer import ENDOFTEXT
 from qguard.train import dist as D
 from qguard.train.data import IGNORE, QUERY_CATEGORIES, RESPONSE_CATEGORIES, RISK_INDEX, Example
 from qguard.train.lora import add_lora, merge_lora
+from qguard.train.optim import TrainOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class StreamTrainConfig:
     balance_categories: bool = True  # category loss weights ~ 1/sqrt(class frequency)
     seed: int = 0
     save_dtype: str = "bfloat16"
+    sparse_embedding: bool = False  # opt-in lazy Adam on the token embedding, single process (train/optim.py)
     tokenizer_files: bool = True
     log_every: int = 50
     device: str | None = None
@@ -229,24 +231,11 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def _optimizer(model: nn.Module, cfg: StreamTrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # no decay on norms and on the embedding: rare tokens would shrink to zero between their updates
-        (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
-    if not decay and not no_decay:
-        raise InputError("nothing to train: every parameter is frozen")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
-
-
 class Schedule:
     """Linear warmup, then cosine to 10% of the peak. Progress is the larger of steps done / total and
     time spent / budget, so a run cut by its wall-clock budget still ends at a low learning rate."""
 
-    def __init__(self, opt: torch.optim.Optimizer, warmup: int, total: int, minutes: float | None):
+    def __init__(self, opt: torch.optim.Optimizer | TrainOptimizer, warmup: int, total: int, minutes: float | None):
         self.opt, self.warmup, self.total, self.minutes = opt, warmup, total, minutes
         self.base = [g["lr"] for g in opt.param_groups]
         self.t0 = time.monotonic()
@@ -281,7 +270,7 @@ def train_stream(cfg: StreamTrainConfig, examples: Sequence[Example], ctx: D.Dis
     rng = random.Random(cfg.seed)
     per_epoch = math.ceil(len(make_batches(examples, cfg.batch_tokens, random.Random(0))) / ctx.world)
     total = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
-    opt = _optimizer(model, cfg)
+    opt = TrainOptimizer(model, cfg.lr, cfg.weight_decay, sparse_embedding=cfg.sparse_embedding and not ctx.enabled)
     sched = Schedule(opt, min(cfg.warmup_steps, max(1, total // 10)), total, cfg.max_minutes)
     weights = loss_weights(cfg, examples, ctx.device)
     t0, step, history = time.monotonic(), 0, []
@@ -301,6 +290,7 @@ def train_stream(cfg: StreamTrainConfig, examples: Sequence[Example], ctx: D.Dis
             log.info("stopping at step %d: the %.1f-minute budget is spent", step, cfg.max_minutes)
             break
         epoch += 1
+    opt.close()
     final = D.unwrap(model)
     if cfg.backbone == "lora":
         merge_lora(final.model)
@@ -323,13 +313,13 @@ def loss_weights(cfg: StreamTrainConfig, examples: Sequence[Example], device: to
     )
 
 
-def _step(model, opt, batch: Batch, weights: LossWeights) -> dict[str, float]:
+def _step(model, opt: TrainOptimizer, batch: Batch, weights: LossWeights) -> dict[str, float]:
     losses = stream_losses(model(batch.ids), batch, weights)
     loss = sum(losses.values())
     loss.backward()
-    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.clip_grad_norm_(1.0)
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad()
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
