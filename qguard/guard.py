@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qguard.calibration import Calibration, calibrate_loaded
 from qguard.checkpoint import (
     Kind,
     build_gen_model,
@@ -84,8 +85,10 @@ class Guard:
     """Moderate prompts and responses with a Qwen3Guard-Gen or -Stream checkpoint."""
 
     def __init__(self, kind: Kind, name: str, tokenizer, policy: Policy, model, labels=None,
-                 debounce_rule: DebounceRule = DebounceRule.EVAL, max_new_tokens: int = 32):
+                 debounce_rule: DebounceRule = DebounceRule.EVAL, max_new_tokens: int = 32,
+                 calibration: Calibration | None = None):
         self.kind, self.name, self.tokenizer, self.policy = kind, name, tokenizer, policy
+        self.calibration = calibration  # already folded into `model` (qguard.calibration)
         self.model, self.labels, self.debounce_rule = model, labels, DebounceRule(debounce_rule)
         self.device = next(model.parameters()).device
         self.max_len = model.config.max_position_embeddings
@@ -98,8 +101,13 @@ class Guard:
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, mode: Mode | str = Mode.STRICT,
                         policy: Policy | None = None, debounce: DebounceRule | str = DebounceRule.EVAL,
-                        max_new_tokens: int = 32) -> Guard:
-        """Load a checkpoint by local path or hub id. dtype defaults to fp32 on CPU, bf16 on GPU."""
+                        max_new_tokens: int = 32,
+                        calibration: Calibration | str | os.PathLike | bool | None = None) -> Guard:
+        """Load a checkpoint by local path or hub id. dtype defaults to fp32 on CPU, bf16 on GPU.
+
+        `calibration` (qguard.calibration): None uses the checkpoint's `qguard_calibration.json` if it
+        has one, False none, a path or `Calibration` that one. Labels never change, only probabilities.
+        """
         ckpt = open_checkpoint(name_or_path)
         dev = pick_device(device)
         dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(dev)
@@ -107,9 +115,10 @@ class Guard:
         tokenizer = load_tokenizer(ckpt.path)
         if ckpt.kind is Kind.STREAM:
             model, labels = build_stream_model(ckpt, dev, dt)
-            return cls(Kind.STREAM, ckpt.name, tokenizer, policy, model, labels, debounce)
-        return cls(Kind.GEN, ckpt.name, tokenizer, policy, build_gen_model(ckpt, dev, dt), None, debounce,
-                   max_new_tokens)
+        else:
+            model, labels = build_gen_model(ckpt, dev, dt), None
+        cal = calibrate_loaded(model, ckpt.kind.value, ckpt.path, calibration)
+        return cls(ckpt.kind, ckpt.name, tokenizer, policy, model, labels, debounce, max_new_tokens, cal)
 
     # ------------------------------------------------------------------------------------ public API
 

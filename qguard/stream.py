@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qguard.calibration import calibrate_loaded
 from qguard.checkpoint import StreamLabels, build_stream_model, default_dtype, open_checkpoint, pick_device
 from qguard.engine.scoring import argmax_label, probs_dict, severity_probs
 from qguard.engine.stream import EngineStats, HeadProbs, StreamEngine
@@ -426,12 +427,15 @@ class StreamGuard:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, **kw) -> StreamGuard:
-        """Load a Qwen3Guard-Stream checkpoint (local path or hub id); kw go to `StreamGuard`."""
+                        dtype: torch.dtype | str | None = None, calibration=None, **kw) -> StreamGuard:
+        """Load a Qwen3Guard-Stream checkpoint (local path or hub id); kw go to `StreamGuard`.
+
+        `calibration`: as in `Guard.from_pretrained` (default: the checkpoint's own file, if any)."""
         ckpt = open_checkpoint(name_or_path)
         dev = pick_device(device)
         dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(dev)
         model, labels = build_stream_model(ckpt, dev, dt)  # CheckpointError unless a Stream checkpoint
+        calibrate_loaded(model, "stream", ckpt.path, calibration)
         return cls(model, load_tokenizer(ckpt.path), labels, **kw)
 
     @property

@@ -46,6 +46,9 @@ def test_stream_eval_writes_every_output(stream_run):
         assert png.read_bytes()[:8] == PNG_MAGIC
     report = (out / "report.md").read_text("utf-8")
     assert "StreamSpliced" in report and "Ahead" in report and "collection_unsafe (R)" in report
+    assert "Calibration of strict P(unsafe)" in report
+    for b in results["benchmarks"].values():
+        assert b["calibration"]["n"] == b["n_scored"] and 0 <= b["calibration"]["ece"] <= 1
 
 
 def test_predictions_match_the_data(stream_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -277,3 +278,15 @@ def test_suite_languages_pool_averaged_benchmarks_only():
     # ja: rtp_lx (U -> S) fn and xsafety (U -> U) tp; the extra's false positive is left out
     assert (langs["ja"]["n"], langs["ja"]["strict"]["tp"], langs["ja"]["strict"]["fp"]) == (2, 1, 0)
     assert langs["ja"]["headline"]["best"] == 50.0  # all-Unsafe group: recall 1/2
+
+
+def test_calibration_of_strict_unsafe_probability():
+    probs = [{"Safe": 0.1, "Unsafe": 0.5, "Controversial": 0.4}, {"Safe": 0.1, "Unsafe": 0.9, "Controversial": 0.0},
+             {"Safe": 0.8, "Unsafe": 0.2, "Controversial": 0.0}, {"Safe": 0.8, "Unsafe": 0.1, "Controversial": 0.1},
+             None]  # a skipped / error row carries no probabilities
+    c = M.calibration_metrics(["Unsafe", "Safe", "Safe", "Safe", "Unsafe"], probs, bins=10)
+    # P(unsafe) 0.9, 0.9 (one unsafe) and 0.2, 0.2 (none): ECE = (|1.8 - 1| + |0.4 - 0|) / 4
+    assert c["n"] == 4 and c["ece"] == pytest.approx(0.3)
+    assert c["brier"] == pytest.approx((0.01 + 0.81 + 0.04 + 0.04) / 4)
+    assert c["log_loss"] == pytest.approx(-(math.log(0.9) + math.log(0.1) + 2 * math.log(0.8)) / 4, abs=1e-4)
+    assert M.calibration_metrics(["Safe"], [None]) is None

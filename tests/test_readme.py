@@ -41,3 +41,11 @@ def test_main_job_output_shown_in_readme_is_what_it_prints():
                        cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == shown
+
+
+def test_calibration_example_runs_and_shows_the_shipped_temperatures():
+    code = code_after("### Calibrated scores", "python")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    shown = re.search(r"# (\{'prompt'.*?\})", code).group(1)
+    assert r.stdout.splitlines()[0] == shown and len(r.stdout.splitlines()) == 2

@@ -521,8 +521,10 @@ def test_train_starter_end_to_end_with_pretraining(tmp_path):
     (data / "toy.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", "utf-8")
     out = tmp_path / "starter"
     rc = main(["train", "starter", "--data", str(data), "--out", str(out), "--minutes", "0.05",
-               "--pretrain-minutes", "0.03", "--controversial-minutes", "0", "--epochs", "1"])
+               "--pretrain-minutes", "0.03", "--controversial-minutes", "0", "--epochs", "1", "--dev-fraction", "0.3"])
     assert rc == 0
     summary = json.loads((out / "training_summary.json").read_text("utf-8"))
-    assert summary["pretrain"]["steps"] >= 1 and summary["pretrain"]["sequences"] >= 20
-    assert Guard.from_pretrained(out).classify_prompt("hello").label in set(Severity)
+    assert summary["pretrain"]["steps"] >= 1 and summary["pretrain"]["sequences"] >= 15  # every row but the dev slice
+    g = Guard.from_pretrained(out)  # with the calibration fitted on the dev slice (step 7)
+    assert g.classify_prompt("hello").label in set(Severity)
+    assert g.calibration.temperature == summary["calibration"]["temperature"]

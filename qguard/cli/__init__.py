@@ -22,6 +22,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--mode", default="strict", choices=["strict", "loose"],
                    help="strict: Controversial counts as Unsafe; loose: as Safe")
+    p.add_argument("--calibration", default=None, metavar="FILE|none",
+                   help="temperatures from `qguard calibrate` (default: the checkpoint's qguard_calibration.json "
+                        "if it has one; 'none': raw probabilities). Labels never change, only probabilities.")
+
+
+def calibration_arg(args: argparse.Namespace):
+    """--calibration as `Guard.from_pretrained` takes it: None (the checkpoint's own), False, or a path."""
+    value = getattr(args, "calibration", None)
+    return False if value == "none" else value
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -39,7 +48,8 @@ def model_name(args: argparse.Namespace) -> str:
 def load_guard(args: argparse.Namespace):
     from qguard.guard import Guard
 
-    return Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype, mode=args.mode)
+    return Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype, mode=args.mode,
+                                 calibration=calibration_arg(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qguard.cli import add_model_args, model_name
+from qguard.cli import add_model_args, calibration_arg, model_name
 from qguard.errors import InputError
 
 SUITE_CHOICES = ("english-prompt", "english-response", "multilingual", "chinese", "stream", "all")
@@ -57,7 +57,7 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
                      progress=not args.quiet)
     data = load_data(cfg)  # a bad --data, --suite or JSONL line fails before the model loads
     guard = Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype, mode=args.mode,
-                                  max_new_tokens=args.max_new_tokens)
+                                  max_new_tokens=args.max_new_tokens, calibration=calibration_arg(args))
     rows, results = run_eval(guard, cfg, data)
     written = write_outputs(out, rows, results, plots=not args.no_plots)
     _print_summary(results)

@@ -78,6 +78,8 @@ def _starter_parser(tsub) -> None:
                    help="self-supervised pre-training of the backbone first (default 12, 0 skips)")
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--scale", type=float, default=None, help="multiply the per-source row caps")
+    p.add_argument("--dev-fraction", type=float, default=None,
+                   help="share of rows held out as the dev slice: dev F1 and the calibration fit (default 0.03)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=run_starter)
@@ -173,7 +175,7 @@ def run_starter(args: argparse.Namespace) -> int:
     r = replace_recipe(StarterRecipe(), data=tuple(args.data) if args.data else None,
                        out=Path(args.out) if args.out else None, minutes=args.minutes,
                        controversial_minutes=args.controversial_minutes, pretrain_minutes=args.pretrain_minutes,
-                       epochs=args.epochs, scale=args.scale,
+                       epochs=args.epochs, scale=args.scale, dev_fraction=args.dev_fraction,
                        threads=args.threads, seed=args.seed)
     check_recipe(r)
     print(json.dumps(train_starter(r), indent=2, default=str))

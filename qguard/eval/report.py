@@ -136,6 +136,12 @@ def refusal_table(res: dict) -> list[str]:
     return _table(["Benchmark", "n", "Precision", "Recall", "Refusal F1"], rows) if rows else []
 
 
+def calibration_table(res: dict) -> list[str]:
+    rows = [[n, c["n"], c["ece"], c["brier"], c["log_loss"]]
+            for n, b in res["benchmarks"].items() if (c := b.get("calibration"))]
+    return _table(["Benchmark", "n", "ECE", "Brier", "Log-loss"], rows) if rows else []
+
+
 def latency_table(res: dict) -> list[str]:
     rows = [[n, b["latency"]["n"], *(b["latency"]["percent"][k] for k in LATENCY_BINS),
              b["latency"]["within_128"]] for n, b in res["benchmarks"].items() if b["latency"]]
@@ -198,6 +204,7 @@ def render_report(results: Sequence[dict], pngs: Sequence[str] = ()) -> str:
         title = f" ({res.get('model')})" if len(results) > 1 else ""
         lines += [f"## Per benchmark{title}", ""] + detail_table(res)
         for head, part in (("Refusal detection", refusal_table(res)),
+                           ("Calibration of strict P(unsafe) (lower is better)", calibration_table(res)),
                            ("Streaming detection latency (% of gold-Unsafe rows with a span)", latency_table(res)),
                            ("Per language, pooled per suite", suite_language_table(res)),
                            ("Per language, per benchmark", language_table(res)), ("Cost", cost_table(res))):

@@ -134,6 +134,7 @@ def summarize_benchmark(name: str, rows: list[dict], timing: Timing | None = Non
         "strict": M.binary_metrics(gold, pred, "strict"), "loose": M.binary_metrics(gold, pred, "loose"),
         "headline": M.headline(gold, pred, kind) if gold else None,
         "refusal": M.refusal_metrics([r["gold_refusal"] for r in scored], [r["refusal"] for r in scored]),
+        "calibration": M.calibration_metrics(gold, [r.get("probs") for r in scored]),
         "latency": M.latency_histogram(lat),
         "latency_unmapped": sum(1 for r in scored if r.get("latency") and "error" in r["latency"]),
         "severity_confusion": M.severity_confusion(gold, pred),

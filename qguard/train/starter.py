@@ -8,7 +8,8 @@ Steps (docs/starter_model.md explains them and the numbers):
 4. pre-train a small Qwen3-architecture backbone as a causal LM on the text of every train row
    (`qguard.train.pretrain`, labels unused), then train the Stream model from it with the report's losses;
 5. write the official Stream format (bf16 weights, no tokenizer files: the loader's offline Qwen3
-   tokenizer is byte-identical and keeps the artifact under 30 MB) plus a model card.
+   tokenizer is byte-identical and keeps the artifact under 30 MB) plus a model card;
+6. fit calibrated temperatures on the dev slice (`qguard.calibration`) into `qguard_calibration.json`.
 """
 
 from __future__ import annotations
@@ -203,12 +204,8 @@ def train_starter(r: StarterRecipe) -> dict[str, Any]:
     t0 = time.monotonic()
     if r.threads:
         torch.set_num_threads(r.threads)
-    rng = random.Random(r.seed)
     tok = load_tokenizer()
-    sources = load_sources(r.data)
-    rows = add_token_label_rows(sample_sources(sources, r.scale, rng), int(r.splices * r.scale), rng,
-                                int(r.benign_answers * r.scale))
-    train_rows, dev_rows = split_dev(rows, r.dev_fraction, rng)
+    sources, train_rows, dev_rows, rng = recipe_rows(r)
     train_rows = upsample(train_rows, UPSAMPLE, rng)  # after the split: no copy of a dev row is trained on
     summary: dict[str, Any] = {"rows": len(train_rows), "dev_rows": len(dev_rows), "by_task": _counts(train_rows)}
     if r.controversial_minutes > 0:
@@ -225,8 +222,35 @@ def train_starter(r: StarterRecipe) -> dict[str, Any]:
                 "dev": dev_scores(res.model, tok, dev_rows, r.max_len), "total_seconds": round(time.monotonic() - t0),
                 "last_losses": res.history[-1] if res.history else {}}
     if r.out is not None:
+        summary["calibration"] = calibrate_starter(Path(r.out), dev_rows, r.seed)
         write_card(Path(r.out), r, summary)
     return summary
+
+
+def recipe_rows(r: StarterRecipe) -> tuple[dict[str, list[Row]], list[Row], list[Row], random.Random]:
+    """Steps 1-2 of the recipe: the sources, the sampled training rows and the dev slice (deterministic
+    for a seed and data folder), and the random state the recipe continues with."""
+    rng = random.Random(r.seed)
+    sources = load_sources(r.data)
+    rows = add_token_label_rows(sample_sources(sources, r.scale, rng), int(r.splices * r.scale), rng,
+                                int(r.benign_answers * r.scale))
+    train_rows, dev_rows = split_dev(rows, r.dev_fraction, rng)
+    return sources, train_rows, dev_rows, rng
+
+
+def calibrate_starter(out: Path, dev_rows: list[Row], seed: int) -> dict[str, Any]:
+    """Fit the saved model's temperatures on the dev slice (train rows it never saw; never eval/) and
+    write `qguard_calibration.json` next to it, so every qguard command loads calibrated scores."""
+    from qguard.calibration import FILE_NAME, fit
+    from qguard.guard import Guard
+
+    if not any(r.task in ("prompt", "response") and any(m["role"] == "user" for m in r.messages) for r in dev_rows):
+        log.warning("no dev rows to calibrate on (tiny data or --dev-fraction 0): raw probabilities")
+        return {"skipped": "no dev rows"}
+    cal = fit(Guard.from_pretrained(out, device="cpu", calibration=False), dev_rows, holdout=0.3, seed=seed)
+    cal.report["data"] = "the starter's dev slice: 3% of the sampled train rows, held out from training"
+    cal.save(out / FILE_NAME)
+    return {"temperature": cal.temperature, **{k: v for k, v in cal.report.items() if k.endswith("_holdout")}}
 
 
 def pretrain_sequences(tok, sources: dict[str, list[Row]], exclude: Sequence[Row], max_len: int,
