@@ -16,7 +16,7 @@ bias correction, AdamW after it: a difference only for gradients near eps = 1e-8
 It is opt-in (`sparse_embedding=True` in the trainers' configs) because it is not a free lunch: a token
 seen once moves about 10x less than under dense Adam, which keeps moving it on momentum for ~10 steps.
 In a held-out comparison at equal wall time (docs/starter_model.md) the faster lazy runs flagged fewer
-benign prompts but scored lower F1 on 5 of 6 held-out sets. Single-process only: NCCL has no sparse
+benign prompts but scored lower F1 on 5 of 6 held-out sets (no gain shown). Single-process only: NCCL has no sparse
 all-reduce, so DDP/FSDP runs always take the dense update.
 """
 

