@@ -17,7 +17,8 @@ its CUDA graphs, the Gen engine) gets it at no cost per token. Stream: the two r
 are divided by their temperature (both bias-free linear layers, so logits / T exactly). Gen: the label
 distributions come from one LM head, so Gen has one temperature (fitted on prompts and responses
 together), folded into the final norm's weight (lm_head(norm(h) / T) = logits / T); greedy decoding, hence
-the Gen answer, is unchanged, and its category and refusal probabilities are tempered alike.
+the Gen answer, is unchanged, and its category and refusal probabilities are tempered alike. The vLLM
+backend, which runs the weights as they are, applies the same temperature to the label logprobs.
 
 The fitted values live in `qguard_calibration.json` next to the weights (loaded automatically) or in any
 file passed as `calibration=`.

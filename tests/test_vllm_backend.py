@@ -119,3 +119,30 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(QGuardError, match="pip install 'qguard\\[vllm\\]'"):
         VLLMGenBackend.from_pretrained("Qwen/Qwen3Guard-Gen-0.6B")
+
+
+def test_vllm_backend_applies_the_gen_calibration_like_the_torch_engine(fake_vllm, trained_dir, tmp_path):
+    import shutil
+
+    from qguard.backends.vllm import VLLMGenBackend
+    from qguard.calibration import FILE_NAME, Calibration
+    from qguard.guard import Guard
+
+    d = shutil.copytree(trained_dir, tmp_path / "gen")
+    Calibration(temperature={"prompt": 2.0, "response": 2.0}, kind="gen").save(d / FILE_NAME)
+    convs = conversations(6, seed=5)
+    raw = VLLMGenBackend.from_pretrained(str(d), max_new_tokens=24, calibration=False).classify_conversations(convs)
+    cal = VLLMGenBackend.from_pretrained(str(d), max_new_tokens=24).classify_conversations(convs)  # the dir's file
+    torch_cal = Guard.from_pretrained(d, device="cpu", max_new_tokens=24).classify_conversations(convs)
+    checked = 0
+    for r, c, t in zip(raw, cal, torch_cal):
+        assert (r.label, r.categories) == (c.label, c.categories) == (t.label, t.categories)
+        if r.probs is None or r.error:
+            continue
+        lp = torch.tensor([max(r.probs[k], 1e-30) for k in ("Safe", "Unsafe", "Controversial")]).log()
+        want = torch.softmax(lp / 2.0, -1).tolist()
+        assert [c.probs[k] for k in ("Safe", "Unsafe", "Controversial")] == pytest.approx(want, abs=1e-6)
+        checked += 1
+    assert checked
+    with pytest.raises(InputError, match="fitted for a stream model"):
+        VLLMGenBackend.from_pretrained(str(d), calibration=Calibration())

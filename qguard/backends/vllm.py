@@ -15,14 +15,21 @@ Probabilities: vLLM returns only the top-k logprobs per position (k = `logprobs`
 is 20). Severity / category / refusal probabilities are the softmax over the label tokens found in
 the top-k at the label position (a label token outside the top-k counts as probability 0), so they
 can differ slightly from the torch engine's full-vocabulary ones; labels do not depend on them.
+
+Calibration (`qguard.calibration`, Gen: one temperature): vLLM runs the weights as they are, so the
+temperature is applied here instead, to the label logprobs before that softmax. A logprob is the logit
+minus a per-position constant, so this is the same softmax(logits / T) as the torch engine's folded form.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from qguard.calibration import Calibration, resolve
 from qguard.engine.gen import CATEGORIES_PREFIX, NO, REFUSAL_PREFIX, YES, _find, first_token_ids
 from qguard.errors import InputError, QGuardError
 from qguard.model.gen import (
@@ -50,8 +57,12 @@ class VLLMGenBackend:
     """`classify_conversations` for Gen checkpoints, run by vLLM."""
 
     def __init__(self, llm: Any, name: str, tokenizer: Any = None, policy: Policy | None = None,
-                 max_new_tokens: int = 32, logprobs: int = 20, max_model_len: int = 32768):
-        self.llm, self.name = llm, name
+                 max_new_tokens: int = 32, logprobs: int = 20, max_model_len: int = 32768,
+                 calibration: Calibration | None = None):
+        if calibration is not None and calibration.kind != "gen":
+            raise InputError(f"this calibration was fitted for a {calibration.kind} model, not a gen model")
+        self.llm, self.name, self.calibration = llm, name, calibration
+        self.temperature = calibration.temperature["prompt"] if calibration else 1.0
         self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
         self.policy = policy or Policy()
         self.max_new_tokens, self.logprobs, self.max_model_len = max_new_tokens, logprobs, max_model_len
@@ -59,13 +70,17 @@ class VLLMGenBackend:
 
     @classmethod
     def from_pretrained(cls, name: str, *, mode: Mode | str = Mode.STRICT, max_new_tokens: int = 32,
-                        logprobs: int = 20, **llm_kwargs: Any) -> VLLMGenBackend:
-        """Start vLLM on `name` (hub id or directory) with prefix caching on; llm_kwargs go to vllm.LLM."""
+                        logprobs: int = 20, calibration: Calibration | str | os.PathLike | bool | None = None,
+                        **llm_kwargs: Any) -> VLLMGenBackend:
+        """Start vLLM on `name` (hub id or directory) with prefix caching on; llm_kwargs go to vllm.LLM.
+
+        `calibration` as in `Guard.from_pretrained` (default: the directory's qguard_calibration.json)."""
+        cal = resolve(Path(name), calibration)  # a hub id has no local file: None unless one is passed
         vllm = _import_vllm()
         llm_kwargs.setdefault("enable_prefix_caching", True)
         llm = vllm.LLM(model=name, **llm_kwargs)
         return cls(llm, name, policy=Policy(mode=Mode(mode)), max_new_tokens=max_new_tokens, logprobs=logprobs,
-                   max_model_len=llm_kwargs.get("max_model_len", 32768))
+                   max_model_len=llm_kwargs.get("max_model_len", 32768), calibration=cal)
 
     def sampling_params(self):
         vllm = _import_vllm()
@@ -107,16 +122,16 @@ class VLLMGenBackend:
         lps = completion.logprobs or []
         sev = None
         if ids[:2] == [SAFETY, COLON] and len(lps) > 2:
-            sev = _softmax_over(lps[2], {s.value: t for s, t in SEVERITY_FIRST_TOKEN.items()})
+            sev = _softmax_over(lps[2], {s.value: t for s, t in SEVERITY_FIRST_TOKEN.items()}, self.temperature)
         cat = ref = None
         at = _find(ids, CATEGORIES_PREFIX)
         if at is not None and at < len(lps):
-            cat = _softmax_over(lps[at], self.cat_first)
+            cat = _softmax_over(lps[at], self.cat_first, self.temperature)
             if target == "response" and cat is not None:
                 cat.pop(Category.JAILBREAK.value, None)
         at = _find(ids, REFUSAL_PREFIX)
         if target == "response" and at is not None and at < len(lps):
-            yn = _softmax_over(lps[at], {"Yes": YES, "No": NO})
+            yn = _softmax_over(lps[at], {"Yes": YES, "No": NO}, self.temperature)
             ref = None if yn is None else yn["Yes"]
         try:
             a = parse_answer(text, target)
@@ -131,11 +146,13 @@ def _logprob(entry: Any) -> float:
     return float(getattr(entry, "logprob", entry))  # Logprob objects (documented) or plain floats
 
 
-def _softmax_over(position: dict[int, Any] | None, names: dict[str, int]) -> dict[str, float] | None:
-    """Renormalised probabilities of `names` among the top-k logprobs of one position (absent: 0)."""
+def _softmax_over(position: dict[int, Any] | None, names: dict[str, int],
+                  temperature: float = 1.0) -> dict[str, float] | None:
+    """Renormalised probabilities of `names` among the top-k logprobs of one position (absent: 0), at a
+    calibration temperature."""
     if not position:
         return None
-    lp = {k: _logprob(position[t]) for k, t in names.items() if t in position}
+    lp = {k: _logprob(position[t]) / temperature for k, t in names.items() if t in position}
     if not lp:
         return None
     m = max(lp.values())

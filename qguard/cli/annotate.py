@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from qguard.cli import add_model_args, calibration_arg, model_name
 
@@ -36,14 +35,9 @@ def load_classifier(args: argparse.Namespace):
     name = model_name(args)
     if args.backend == "vllm":
         from qguard.backends.vllm import VLLMGenBackend
-        from qguard.calibration import FILE_NAME
-        from qguard.errors import InputError
 
-        cal = calibration_arg(args)
-        if cal or (cal is None and name and (Path(name) / FILE_NAME).is_file()):
-            raise InputError("the vLLM backend does not apply calibrated temperatures; "
-                             "use --backend torch, or --calibration none for raw probabilities")
-        return VLLMGenBackend.from_pretrained(name, mode=args.mode, max_new_tokens=args.max_new_tokens)
+        return VLLMGenBackend.from_pretrained(name, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                                              calibration=calibration_arg(args))
     from qguard.guard import Guard
 
     return Guard.from_pretrained(name, device=args.device, dtype=args.dtype, mode=args.mode,
