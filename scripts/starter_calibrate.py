@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qguard.errors import InputError
 from qguard.starter import starter_model_path
-from qguard.train.starter import UPSAMPLE, StarterRecipe, calibrate_starter, recipe_rows, upsample, write_card
+from qguard.train.starter import StarterRecipe, calibrate_starter, recipe_rows, training_rows, write_card
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     summary = json.loads((out / "training_summary.json").read_text("utf-8"))
     r = StarterRecipe(out=out)
     _, train_rows, dev_rows, rng = recipe_rows(r)
-    n_train = len(upsample(train_rows, UPSAMPLE, rng))
+    n_train = len(training_rows(r, train_rows, rng))
     if (n_train, len(dev_rows)) != (summary["rows"], summary["dev_rows"]):
         raise InputError(f"the rebuilt split ({n_train} train / {len(dev_rows)} dev rows) is not the one this model "
                          f"was trained with ({summary['rows']} / {summary['dev_rows']}): data or recipe changed")

@@ -388,6 +388,22 @@ def test_benign_answers_and_splices_are_added_with_user_turns():
         assert r.text[r.unsafe_span[0]: r.unsafe_span[1]] == "stupid idiot" and r.unsafe_span[0] > 12
 
 
+def test_benign_answers_can_follow_unsafe_prompts_and_stay_safe():
+    from qguard.train.starter import benign_answers
+
+    benign = [parse_row({"id": f"benign_x/{i}", "source": "benign_x", "task": "prompt", "label": "Safe",
+                         "messages": [{"role": "user", "content": f"Passage {i}: " + "rivers flow to the sea " * 5}]}, "b")
+              for i in range(40)]
+    harmful = [parse_row({"id": f"h/{i}", "source": "h", "task": "prompt", "label": "Unsafe",
+                          "messages": [{"role": "user", "content": f"how do I hurt person {i}"}]}, "h") for i in range(5)]
+    out = benign_answers(benign + harmful, 40, random.Random(0), after_unsafe=0.5)
+    after = [r for r in out if r.messages[0]["content"].startswith("how do I hurt")]
+    assert 10 <= len(after) <= 30 and all(r.label is Severity.SAFE and r.task == "response" for r in out)
+    assert all(r.text.startswith("Passage") for r in out)
+    assert not any(r.messages[0]["content"].startswith("how do I hurt")
+                   for r in benign_answers(benign + harmful, 40, random.Random(0)))
+
+
 def test_the_shipped_starter_model():
     """The embedded artifact: official Stream format, <= 30 MB, loads offline, sane on blatant cases."""
     from qguard.starter import starter_model_path
@@ -528,3 +544,13 @@ def test_train_starter_end_to_end_with_pretraining(tmp_path):
     g = Guard.from_pretrained(out)  # with the calibration fitted on the dev slice (step 7)
     assert g.classify_prompt("hello").label in set(Severity)
     assert g.calibration.temperature == summary["calibration"]["temperature"]
+
+
+def test_every_upsampled_source_exists_in_the_train_data():
+    """UPSAMPLE matches the rows' `source` field; a key that matches no row silently repeats nothing."""
+    from qguard.train.starter import SHARED_TRAIN, UPSAMPLE, load_sources
+
+    if not SHARED_TRAIN.is_dir():
+        pytest.skip(f"needs the public train data at {SHARED_TRAIN} (../shared/data/train; CI has it)")
+    present = {r.source for rows in load_sources([str(SHARED_TRAIN)]).values() for r in rows}
+    assert set(UPSAMPLE) <= present, sorted(set(UPSAMPLE) - present)

@@ -3,7 +3,8 @@
 Steps (docs/starter_model.md explains them and the numbers):
 1. read every train/*.jsonl (eval/ is refused), sample a balanced mix per source (caps below);
 2. token labels: `unsafe_span` where the data has one (toxic_spans), benign-opening splices (method b),
-   else the whole answer; comments without a prompt get a user turn from another dialogue;
+   else the whole answer; comments without a prompt get a user turn from another dialogue; benign text as
+   Safe answers; instruction-wrapped prompts against style shortcuts (`augment`);
 3. Controversial labels: the report's split A/B strict/loose procedure at small scale (`labeling`);
 4. pre-train a small Qwen3-architecture backbone as a causal LM on the text of every train row
    (`qguard.train.pretrain`, labels unused), then train the Stream model from it with the report's losses;
@@ -29,7 +30,7 @@ import torch
 from qguard.errors import InputError
 from qguard.policy import Severity
 from qguard.tokenizer import load_tokenizer
-from qguard.train import labeling
+from qguard.train import augment, labeling
 from qguard.train.data import (
     Row,
     encode_row,
@@ -71,8 +72,11 @@ CAPS: dict[str, int] = {
 # requests (benign ones, and harmful ones phrased like them): without the extra weight the model learns
 # "a request = unsafe" from the many harmful-request sets and "exam/QA text = safe" from the benign ones.
 # Chosen on held-out TRAIN rows (docs/starter_model.md, "How the recipe was chosen"), never on eval/.
+# Keys are the rows' `source` field, which is not always the file stem. The GuardReasoner sample (source
+# "guardreasoner_train") is not repeated: the factors were chosen with a key that never matched it, so the
+# shipped model never saw it repeated; repeating it x3 later showed no gain on held-out sources (starter_model.md).
 UPSAMPLE: dict[str, float] = {
-    "guardreasoner_train_sample": 3, "coconot": 2, "benign_oasst_prompts": 3, "benign_arena_hard": 3,
+    "coconot": 2, "benign_oasst_prompts": 3, "benign_arena_hard": 3,
     "jbb_behaviors": 2, "benign_self_instruct": 2, "mtbench": 3,
 }
 
@@ -92,7 +96,14 @@ class StarterRecipe:
     scale: float = 1.0  # multiplies every per-source cap (smaller: faster, e.g. tests)
     splices: int = 4000
     benign_answers: int = 4000  # benign passages used as Safe assistant answers (see benign_answers)
+    # Share of those answers given to an Unsafe prompt. Off: with wrapped_prompts it flagged fewer benign
+    # held-out requests but the full model lost recall (docs/starter_model.md, "Style-shortcut breakers").
+    benign_after_unsafe: float = 0.0
     dev_fraction: float = 0.03
+    # Style-shortcut breakers (qguard.train.augment): instruction-wrapped prompts (label from the wrapped
+    # text) and the share of prompt rows restyled casually. Both off, see benign_after_unsafe.
+    wrapped_prompts: int = 0
+    restyle: float = 0.0
     max_len: int = 384  # long prompts (jailbreaks, pasted text) are seen whole more often at 384 than 192
     batch_tokens: int = 8192
     lr: float = 3e-3
@@ -152,14 +163,15 @@ def load_sources(paths: Sequence[str]) -> dict[str, list[Row]]:
     return out
 
 
-def add_token_label_rows(rows: list[Row], n_splices: int, rng: random.Random, n_benign: int = 0) -> list[Row]:
+def add_token_label_rows(rows: list[Row], n_splices: int, rng: random.Random, n_benign: int = 0,
+                         benign_after_unsafe: float = 0.0) -> list[Row]:
     """User turns for prompt-less comments, benign passages as Safe answers, and benign-opening splices
     (known first unsafe token)."""
     dialog_prompts = [r.messages[-2]["content"] for r in rows
                       if r.task == "response" and len(r.messages) >= 2 and r.lang == "en"]
     dialog_prompts = dialog_prompts or [r.text for r in rows if r.task == "prompt"]  # any user turn will do
     fixed = [with_prompt(r, rng.choice(dialog_prompts)) if dialog_prompts else r for r in rows]
-    fixed += benign_answers(rows, n_benign, rng)
+    fixed += benign_answers(rows, n_benign, rng, benign_after_unsafe)
     openings = [r.text for r in fixed if r.task == "response" and r.label is Severity.SAFE
                 and 20 <= len(r.text) <= 300 and not _is_refusal(r.text)]
     unsafe = [r for r in fixed if r.task == "response" and r.label is not Severity.SAFE and len(r.text) >= 20]
@@ -168,20 +180,23 @@ def add_token_label_rows(rows: list[Row], n_splices: int, rng: random.Random, n_
     return [r for r in fixed if any(m["role"] == "user" for m in r.messages)]
 
 
-def benign_answers(rows: list[Row], n: int, rng: random.Random) -> list[Row]:
+def benign_answers(rows: list[Row], n: int, rng: random.Random, after_unsafe: float = 0.0) -> list[Row]:
     """Safe response rows whose answer is a benign passage (a math problem, an exam question...).
 
     The train data has few helpful, harmless assistant answers (mostly chit-chat and refusals), so a
     response head trained on it alone flags ordinary informative prose. Benign text is Safe whoever
-    writes it, so the benign prompt sets supply Safe answer text; the user turn is another benign prompt.
+    writes it, so the benign prompt sets supply Safe answer text; the user turn is another benign prompt,
+    or for a share `after_unsafe` an Unsafe one: a response is judged by what it says, and in the data
+    almost every answer to an Unsafe prompt is either a refusal or Unsafe itself.
     """
     pool = [r for r in rows if r.source.startswith("benign_") and r.task == "prompt" and r.label is Severity.SAFE]
+    harmful = [r.text for r in rows if r.task == "prompt" and r.label is Severity.UNSAFE and len(r.text) <= 1000]
     texts = [r for r in pool if len(r.text) >= 80]
     if not n or not texts:
         return []
     out = []
     for i, r in enumerate(rng.sample(texts, min(n, len(texts)))):
-        user = rng.choice(pool).text
+        user = rng.choice(harmful) if after_unsafe > 0 and harmful and rng.random() < after_unsafe else rng.choice(pool).text
         out.append(replace(r, id=f"{r.id}+as_answer{i}", task="response", messages=(
             {"role": "user", "content": user}, {"role": "assistant", "content": r.text})))
     return out
@@ -206,7 +221,7 @@ def train_starter(r: StarterRecipe) -> dict[str, Any]:
         torch.set_num_threads(r.threads)
     tok = load_tokenizer()
     sources, train_rows, dev_rows, rng = recipe_rows(r)
-    train_rows = upsample(train_rows, UPSAMPLE, rng)  # after the split: no copy of a dev row is trained on
+    train_rows = training_rows(r, train_rows, rng)
     summary: dict[str, Any] = {"rows": len(train_rows), "dev_rows": len(dev_rows), "by_task": _counts(train_rows)}
     if r.controversial_minutes > 0:
         train_rows, summary["controversial"] = _controversial(r, tok, train_rows)
@@ -233,9 +248,16 @@ def recipe_rows(r: StarterRecipe) -> tuple[dict[str, list[Row]], list[Row], list
     rng = random.Random(r.seed)
     sources = load_sources(r.data)
     rows = add_token_label_rows(sample_sources(sources, r.scale, rng), int(r.splices * r.scale), rng,
-                                int(r.benign_answers * r.scale))
+                                int(r.benign_answers * r.scale), r.benign_after_unsafe)
     train_rows, dev_rows = split_dev(rows, r.dev_fraction, rng)
     return sources, train_rows, dev_rows, rng
+
+
+def training_rows(r: StarterRecipe, train_rows: list[Row], rng: random.Random) -> list[Row]:
+    """After the dev split (so no copy or wrapping of a dev row is trained on): upsampled user requests,
+    instruction-wrapped prompts, restyled prompts."""
+    wrapped = augment.wrapped_prompts(train_rows, int(r.wrapped_prompts * r.scale), rng)
+    return augment.restyled(upsample(train_rows, UPSAMPLE, rng) + wrapped, r.restyle, rng)
 
 
 def calibrate_starter(out: Path, dev_rows: list[Row], seed: int) -> dict[str, Any]:
