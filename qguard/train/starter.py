@@ -253,11 +253,12 @@ def recipe_rows(r: StarterRecipe) -> tuple[dict[str, list[Row]], list[Row], list
     return sources, train_rows, dev_rows, rng
 
 
-def training_rows(r: StarterRecipe, train_rows: list[Row], rng: random.Random) -> list[Row]:
-    """After the dev split (so no copy or wrapping of a dev row is trained on): upsampled user requests,
-    instruction-wrapped prompts, restyled prompts."""
+def training_rows(r: StarterRecipe, train_rows: list[Row], rng: random.Random,
+                  factors: dict[str, float] | None = None) -> list[Row]:
+    """After the dev split (so no copy or wrapping of a dev row is trained on): upsampled user requests
+    (`factors`, default UPSAMPLE), instruction-wrapped prompts, restyled prompts."""
     wrapped = augment.wrapped_prompts(train_rows, int(r.wrapped_prompts * r.scale), rng)
-    return augment.restyled(upsample(train_rows, UPSAMPLE, rng) + wrapped, r.restyle, rng)
+    return augment.restyled(upsample(train_rows, UPSAMPLE if factors is None else factors, rng) + wrapped, r.restyle, rng)
 
 
 def calibrate_starter(out: Path, dev_rows: list[Row], seed: int) -> dict[str, Any]:
