@@ -17,7 +17,7 @@ import random
 from dataclasses import replace
 
 from qguard.policy import Severity
-from qguard.train.data import Row
+from qguard.train.data import Row, is_refusal
 
 LANGUAGES = ("French", "Spanish", "German", "Chinese", "Japanese", "Korean", "Arabic", "Russian", "Hindi",
              "Portuguese", "Italian", "Turkish")
@@ -69,7 +69,7 @@ def _pools(rows: list[Row]) -> tuple[list[Row], list[Row], list[Row], list[Row]]
     for r in rows:
         n = len(r.text)
         if r.label is Severity.SAFE:
-            if r.task == "response" and 30 <= n <= 600 and not _refusal(r.text):
+            if r.task == "response" and 30 <= n <= 600 and not is_refusal(r.text):
                 benign_passages.append(r)
             elif r.task == "prompt" and 10 <= n <= 600:
                 passage = r.source in STATEMENT_SOURCES or (r.source.startswith("benign_") and n >= 120)
@@ -136,7 +136,3 @@ def restyled(rows: list[Row], p: float, rng: random.Random) -> list[Row]:
         out.append(replace(r, id=f"{r.id}+restyled", messages=msgs))
     return out
 
-
-def _refusal(text: str) -> bool:
-    t = text.lower()
-    return any(k in t for k in ("i'm sorry", "i cannot", "i can't", "as an ai", "i am sorry"))

@@ -253,6 +253,12 @@ def spliced_rows(openings: Sequence[str], unsafe: Sequence[Row], n: int, rng: ra
     return [splice(rng.choice(openings), rng.choice(unsafe), sep=rng.choice((" ", "\n\n", "\n"))) for _ in range(n)]
 
 
+def is_refusal(text: str) -> bool:
+    """A canned refusal ("I'm sorry, I can't..."): not usable as benign opening or informative answer."""
+    t = text.lower()
+    return any(k in t for k in ("i'm sorry", "i cannot", "i can't", "as an ai", "i am sorry"))
+
+
 def with_prompt(row: Row, prompt: str) -> Row:
     """Give a response row without a user turn (e.g. toxic_spans comments) a user message before it."""
     if any(m["role"] == "user" for m in row.messages):

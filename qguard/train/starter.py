@@ -37,6 +37,7 @@ from qguard.train.data import (
     encode_rows,
     expand_paths,
     guard_against_eval,
+    is_refusal,
     read_rows,
     spliced_rows,
     with_prompt,
@@ -173,7 +174,7 @@ def add_token_label_rows(rows: list[Row], n_splices: int, rng: random.Random, n_
     fixed = [with_prompt(r, rng.choice(dialog_prompts)) if dialog_prompts else r for r in rows]
     fixed += benign_answers(rows, n_benign, rng, benign_after_unsafe)
     openings = [r.text for r in fixed if r.task == "response" and r.label is Severity.SAFE
-                and 20 <= len(r.text) <= 300 and not _is_refusal(r.text)]
+                and 20 <= len(r.text) <= 300 and not is_refusal(r.text)]
     unsafe = [r for r in fixed if r.task == "response" and r.label is not Severity.SAFE and len(r.text) >= 20]
     if n_splices and openings and unsafe:
         fixed += spliced_rows(openings, unsafe, n_splices, rng)
@@ -200,11 +201,6 @@ def benign_answers(rows: list[Row], n: int, rng: random.Random, after_unsafe: fl
         out.append(replace(r, id=f"{r.id}+as_answer{i}", task="response", messages=(
             {"role": "user", "content": user}, {"role": "assistant", "content": r.text})))
     return out
-
-
-def _is_refusal(text: str) -> bool:
-    t = text.lower()
-    return any(k in t for k in ("i'm sorry", "i cannot", "i can't", "as an ai", "i am sorry"))
 
 
 def split_dev(rows: list[Row], fraction: float, rng: random.Random) -> tuple[list[Row], list[Row]]:
