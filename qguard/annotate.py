@@ -3,7 +3,8 @@
 Resumable by construction: results are appended, in input order, to `OUTPUT.partial.jsonl` (one line
 per input row, flushed and fsynced per batch) after a header line describing the run. Re-running the
 same command after a crash or a hard kill reads the partial file, drops a torn last line, and
-continues at the first row without a result; the final OUTPUT (JSONL, CSV or Parquet, by extension)
+continues at the first row without a result; the final OUTPUT (JSONL, a JSON array for `.json`, CSV
+or Parquet, by extension)
 and `OUTPUT.errors.jsonl` are only written, atomically, once every row has its line. So the output
 holds every input row exactly once, in input order (with `filter`, exactly the matching ones).
 
@@ -21,13 +22,15 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 from qguard.errors import InputError
 from qguard.policy import Mode, Policy, Severity, Verdict
 
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+# .json: a JSON array of records, or JSON Lines under that name (read: sniffed; written: an array)
+FORMATS = {".jsonl": "jsonl", ".json": "json", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 PARTIAL_VERSION = 1
 
 
@@ -94,7 +97,7 @@ def _text(row: dict, name: str) -> str:
 def file_format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise InputError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .csv or .parquet")
+        raise InputError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
     return fmt
 
 
@@ -104,6 +107,8 @@ def count_rows(path: Path) -> int:
         return _parquet(path).metadata.num_rows
     if fmt == "csv":
         return sum(1 for _ in _csv_rows(path))
+    if fmt == "json" and _json_array(path) is not None:
+        return len(_json_array(path))
     with path.open("rb") as f:
         return sum(1 for line in f if line.strip())
 
@@ -111,7 +116,7 @@ def count_rows(path: Path) -> int:
 def read_rows(path: Path, skip: int = 0) -> Iterator[tuple[Any, str | None]]:
     """(row, error) for every row after the first `skip`; error is set when a row cannot be read."""
     fmt = file_format(path)
-    it = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt](path)
+    it = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt](path)
     for i, item in enumerate(it):
         if i >= skip:
             yield item
@@ -128,6 +133,37 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
                 yield None, "line is not UTF-8"
             except ValueError as e:
                 yield None, f"line is not valid JSON ({e.msg})"
+
+
+def _json_array(path: Path) -> list | None:
+    """The records of a .json file holding one JSON array; None if it is JSON Lines instead."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+        return None
+    return _load_array(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=1)
+def _load_array(path: str, mtime: int) -> list:  # counted, then read: parse the file once
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except ValueError as e:
+        raise InputError(f"{path}: not a valid JSON array ({e})") from None
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON array of records")
+    return data
+
+
+def _json_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
+    records = _json_array(path)
+    if records is None:
+        yield from _jsonl_rows(path)
+        return
+    for r in records:
+        yield r, None
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
@@ -198,6 +234,8 @@ def write_output(path: Path, rows: list[dict]) -> None:
     if fmt == "jsonl":
         _atomic_write(path, lambda p: p.write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8"))
+    elif fmt == "json":
+        _atomic_write(path, lambda p: p.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", "utf-8"))
     elif fmt == "csv":
         _atomic_write(path, lambda p: _write_csv(p, rows))
     else:
@@ -312,9 +350,13 @@ def annotate(classifier: Classifier, input: str | Path, output: str | Path, *, f
         raise InputError("OUTPUT must differ from INPUT")
     cfg = RunConfig(str(inp.resolve()), str(out.resolve()), classifier.name, Mode(mode).value, filter,
                     asdict(fields), inp.stat().st_size)
+    total = count_rows(inp)  # an unreadable input fails here, before a partial file exists
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the output folder {out.parent} ({e.strerror})") from None
     part = partial_path(out)
     done = _open_partial(part, cfg, restart)
-    total = count_rows(inp)
     if done > total:
         raise InputError(f"{part} has more rows ({done}) than {inp} ({total}); pass --restart")
     _process(classifier, inp, part, fields, filter, Mode(mode), done, total, batch_size, progress)

@@ -205,6 +205,7 @@ def fit(guard: Guard, rows: Sequence[Row], holdout: float = 0.3, seed: int = 0) 
     n_fit = {t: len(idx) - int(len(idx) * holdout) for t, idx in split.items()}
     fit_part = {t: (lp[split[t][: n_fit[t]]], y[split[t][: n_fit[t]]]) for t, (lp, y) in data.items()}
     held_part = {t: (lp[split[t][n_fit[t]:]], y[split[t][n_fit[t]:]]) for t, (lp, y) in data.items()}
+    report["fitted"] = sorted(data)  # the tasks with rows; the others keep temperature 1.0
     if kind == "gen":
         t_all = fit_temperature(torch.cat([lp for lp, _ in fit_part.values()]), torch.cat([y for _, y in fit_part.values()]))
         temps = dict.fromkeys(TASKS, t_all)

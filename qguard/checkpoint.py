@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qguard.errors import CheckpointError
+from qguard.errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +198,47 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A torch dtype, its name or short name ("bf16", "fp32", ...), or None for the device's default."""
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise InputError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)} or a torch.dtype")
+
+
+def model_path(name_or_path: str | os.PathLike | None) -> str | os.PathLike:
+    """The checkpoint to load: the one given, else the embedded starter model (qguard.starter)."""
+    if name_or_path is not None:
+        return name_or_path
+    from qguard.starter import starter_model_path
+
+    path = starter_model_path()
+    if path is None:
+        raise CheckpointError("no model given and this build ships no starter model: pass a path or hub id")
+    return path
+
+
 def pick_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device asked for (InputError if this machine has none such), else cuda when available."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}: use cpu, cuda, cuda:1, ...") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 # ------------------------------------------------------------------------------------- model builders

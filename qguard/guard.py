@@ -19,13 +19,14 @@ from qguard.checkpoint import (
     Kind,
     build_gen_model,
     build_stream_model,
-    default_dtype,
+    model_path,
     open_checkpoint,
     pick_device,
+    resolve_dtype,
 )
 from qguard.engine.scoring import TokenScores, argmax_label, probs_dict, score_sequences, severity_probs
 from qguard.errors import InputError
-from qguard.policy import DebounceRule, Mode, Policy, Severity, Verdict, debounce
+from qguard.policy import DebounceRule, Mode, Policy, Severity, Verdict, debounce, resolve_policy
 from qguard.tokenizer import Message, StreamLayout, check_messages, load_tokenizer, stream_layout
 
 if TYPE_CHECKING:
@@ -42,6 +43,18 @@ def as_prompt_messages(prompt: Conversation) -> list[Message]:
     msgs = check_messages(prompt)
     if msgs[-1]["role"] != "user":
         raise InputError("prompt moderation needs the last message to be from the user")
+    return msgs
+
+
+def check_turn(messages: Sequence[Message]) -> list[Message]:
+    """A valid chat whose last turn can be moderated: a non-empty user prompt or assistant response."""
+    msgs = check_messages(messages)
+    last = msgs[-1]
+    if last["role"] == "system":
+        raise InputError("the last message is a system turn: moderation reads the last user or assistant turn")
+    if not last["content"].strip():
+        what = "response" if last["role"] == "assistant" else "prompt"
+        raise InputError(f"empty {what}: the last message has no text to moderate")
     return msgs
 
 
@@ -86,10 +99,13 @@ class Guard:
 
     def __init__(self, kind: Kind, name: str, tokenizer, policy: Policy, model, labels=None,
                  debounce_rule: DebounceRule = DebounceRule.EVAL, max_new_tokens: int = 32,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, moderate_thinking: bool = True):
         self.kind, self.name, self.tokenizer, self.policy = kind, name, tokenizer, policy
         self.calibration = calibration  # already folded into `model` (qguard.calibration)
         self.model, self.labels, self.debounce_rule = model, labels, DebounceRule(debounce_rule)
+        # Stream: also read a response's reasoning (`<think>...</think>` in its text), like a live
+        # session's default; Gen always sees the whole assistant text (spec section 2)
+        self.moderate_thinking = moderate_thinking
         self.device = next(model.parameters()).device
         self.max_len = model.config.max_position_embeddings
         if kind is Kind.GEN:
@@ -98,27 +114,32 @@ class Guard:
             self.gen = GenEngine(model, tokenizer, max_new_tokens=max_new_tokens)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, mode: Mode | str = Mode.STRICT,
-                        policy: Policy | None = None, debounce: DebounceRule | str = DebounceRule.EVAL,
-                        max_new_tokens: int = 32,
-                        calibration: Calibration | str | os.PathLike | bool | None = None) -> Guard:
-        """Load a checkpoint by local path or hub id. dtype defaults to fp32 on CPU, bf16 on GPU.
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *,
+                        device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                        mode: Mode | str | None = None, policy: Policy | None = None,
+                        debounce: DebounceRule | str = DebounceRule.EVAL, max_new_tokens: int = 32,
+                        calibration: Calibration | str | os.PathLike | bool | None = None,
+                        moderate_thinking: bool = True) -> Guard:
+        """Load a checkpoint by local path or hub id; None loads the embedded starter model.
 
-        `calibration` (qguard.calibration): None uses the checkpoint's `qguard_calibration.json` if it
-        has one, False none, a path or `Calibration` that one. Labels never change, only probabilities.
+        dtype ("bf16", "float32", a torch.dtype, ...) defaults to fp32 on CPU, bf16 on GPU. `mode`
+        (strict, the default, or loose) or a whole `policy`, not both. `calibration`
+        (qguard.calibration): None uses the checkpoint's `qguard_calibration.json` if it has one, False
+        none, a path or `Calibration` that one. Labels never change, only probabilities.
+        `moderate_thinking` (Stream): also read the reasoning of a response given with `</think>`.
         """
-        ckpt = open_checkpoint(name_or_path)
+        ckpt = open_checkpoint(model_path(name_or_path))
         dev = pick_device(device)
-        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(dev)
-        policy = policy or Policy(mode=Mode(mode))
+        dt = resolve_dtype(dtype, dev)
+        policy = resolve_policy(mode, policy)
         tokenizer = load_tokenizer(ckpt.path)
         if ckpt.kind is Kind.STREAM:
             model, labels = build_stream_model(ckpt, dev, dt)
         else:
             model, labels = build_gen_model(ckpt, dev, dt), None
         cal = calibrate_loaded(model, ckpt.kind.value, ckpt.path, calibration)
-        return cls(ckpt.kind, ckpt.name, tokenizer, policy, model, labels, debounce, max_new_tokens, cal)
+        return cls(ckpt.kind, ckpt.name, tokenizer, policy, model, labels, debounce, max_new_tokens, cal,
+                   moderate_thinking)
 
     # ------------------------------------------------------------------------------------ public API
 
@@ -129,10 +150,14 @@ class Guard:
         return self._classify([as_response_messages(prompt, response)])[0]
 
     def classify_prompts(self, prompts: Sequence[Conversation]) -> list[Verdict]:
+        if isinstance(prompts, str):
+            raise InputError("classify_prompts takes a list of prompts, got one str; use classify_prompt")
         convs = [as_prompt_messages(p) for p in prompts]
         return self._classify(convs)
 
     def classify_responses(self, pairs: Sequence[tuple[Conversation, str | None] | Sequence[Message]]) -> list[Verdict]:
+        if isinstance(pairs, str):
+            raise InputError("classify_responses takes a list of (prompt, response) pairs, got one str")
         convs = []
         for p in pairs:
             if isinstance(p, tuple) and len(p) == 2 and not isinstance(p[1], dict):
@@ -143,8 +168,7 @@ class Guard:
 
     def classify_messages(self, messages: Sequence[Message]) -> Verdict:
         """Moderate the last message of a chat: the prompt if it is the user's, else the response."""
-        msgs = check_messages(messages)
-        return self._classify([msgs])[0]
+        return self._classify([check_turn(messages)])[0]
 
     def classify_conversations(self, convs: Sequence[Sequence[Message]], *,
                                return_errors: bool = False) -> list[Verdict | InputError]:
@@ -154,13 +178,13 @@ class Guard:
         long) yields its InputError in its place instead of failing the whole batch (dataset annotation).
         """
         if not return_errors:
-            return self._classify([check_messages(c) for c in convs])
+            return self._classify([check_turn(c) for c in convs])
         out: list[Verdict | InputError | None] = [None] * len(convs)
         ok: list[int] = []
         reqs = []  # Gen: prepared requests; Stream: (messages, layout), tokenised once
         for i, c in enumerate(convs):
             try:
-                msgs = check_messages(c)
+                msgs = check_turn(c)
                 reqs.append(self.gen.prepare(msgs) if self.kind is Kind.GEN else (msgs, self._layout(msgs)))
                 ok.append(i)
             except InputError as e:
@@ -176,6 +200,7 @@ class Guard:
     # -------------------------------------------------------------------------------------- internals
 
     def _classify(self, convs: list[list[Message]]) -> list[Verdict]:
+        convs = [check_turn(c) for c in convs]
         if self.kind is Kind.GEN:
             return [self._gen_verdict(r) for r in self.gen.classify(convs)]
         return self._stream_classify(convs, [self._layout(c) for c in convs])
@@ -192,6 +217,9 @@ class Guard:
                 f"conversation is {len(lay.ids)} tokens, longer than the model's context of {self.max_len}; "
                 "shorten it (qguard does not silently truncate)"
             )
+        if messages[-1]["role"] == "assistant" and not lay.moderated(self.moderate_thinking):
+            raise InputError("the response has no answer tokens to moderate (only reasoning, and "
+                             "moderate_thinking is off)")
         return lay
 
     def _gen_verdict(self, r) -> Verdict:
@@ -215,13 +243,12 @@ class Guard:
         if messages[-1]["role"] == "user":
             return self._prompt_verdict(lay, s)
         L = self.labels
-        a, b = lay.answer_start, lay.answer_end
-        if b <= a:
-            raise InputError("the response has no tokens to moderate")
-        labels = [L.risk[i] for i in s.risk[a:b].argmax(-1).tolist()]
+        where = torch.as_tensor(lay.moderated(self.moderate_thinking))  # as a live session reads the turn
+        risk = s.risk[where]
+        labels = [L.risk[i] for i in risk.argmax(-1).tolist()]
         label, pos = debounce(labels, self.debounce_rule)
         # probabilities at the deciding token; for a Safe answer, at its riskiest token
-        at = a + pos if pos is not None else a + int((1 - s.risk[a:b, _safe_index(L.risk)]).argmax())
+        at = int(where[pos if pos is not None else int((1 - risk[:, _safe_index(L.risk)]).argmax())])
         cats = (argmax_label(s.category[at], L.category),) if label is not Severity.SAFE else ()
         return self.policy.verdict(label, cats, probs=severity_probs(s.risk[at], L.risk),
                                    category_probs=probs_dict(s.category[at], L.category),
@@ -252,7 +279,7 @@ class Guard:
         s = score_sequences(self.model, [lay.ids])[0]
         L = self.labels
         trace = StreamTrace(prompt=self._prompt_verdict(lay, s))
-        for j, i in enumerate(range(lay.answer_start, lay.answer_end)):
+        for j, i in enumerate(lay.moderated(self.moderate_thinking)):
             label = argmax_label(s.risk[i], L.risk)
             trace.tokens.append(TokenVerdict(
                 index=j, token_id=lay.ids[i], text=self.tokenizer.decode([lay.ids[i]]),

@@ -18,7 +18,10 @@ inside each chunk):
   the second halves of canonical pairs are excluded), so NFC(head + rest) == NFC(head) + NFC(rest);
 - and, checked directly, tokenizing head and tail apart gives the ids of the whole buffer.
 Text deltas are `str`, so a UTF-8 sequence is never split; emoji and ZWJ sequences are whole chunks of
-the regex's symbol class and stay in the tail until a later chunk starts.
+the regex's symbol class and stay in the tail until a later chunk starts. A JavaScript or JSON client can
+still split a character into its two UTF-16 surrogates across deltas: a trailing high surrogate waits for
+the next delta and the pair is joined; a surrogate with no partner is ill-formed text and becomes U+FFFD
+(what a UTF-8 decoder with errors="replace" gives), so the stream goes on.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import unicodedata
 from functools import lru_cache
 
 from qguard.errors import InputError
-from qguard.tokenizer import encode
+from qguard.tokenizer import encode, fix_surrogates
 
 MAX_CANDIDATES = 4  # boundaries verified per delta before giving up (commit later instead)
 
@@ -72,6 +75,7 @@ class IncrementalTokenizer:
         self.added_prefixes = {a[:i] for a in added for i in range(1, len(a))}
         self.max_added = max((len(a) for a in added), default=0)
         self.tail = ""
+        self.high = ""  # a high surrogate that ended the last delta, waiting for its low half
         self.n_committed = 0
         self.closed = False
 
@@ -83,14 +87,18 @@ class IncrementalTokenizer:
             raise InputError(f"text deltas must be str, got {type(delta).__name__}")
         if not delta:
             return []
-        self.tail += delta
-        return self._commit()
+        delta, self.high = self.high + delta, ""
+        if "\ud800" <= delta[-1] <= "\udbff":
+            delta, self.high = delta[:-1], delta[-1]
+        self.tail += fix_surrogates(delta)
+        return self._commit() if self.tail else []
 
     def flush(self) -> list[int]:
         """End of text: commit everything still held."""
         if self.closed:
             return []
         self.closed = True
+        self.tail += fix_surrogates(self.high)
         ids = encode(self.tokenizer, self.tail) if self.tail else []
         self.tail = ""
         self.n_committed += len(ids)
@@ -99,7 +107,7 @@ class IncrementalTokenizer:
     @property
     def pending_text(self) -> str:
         """Text received but not yet committed as ids."""
-        return self.tail
+        return self.tail + self.high
 
     # ------------------------------------------------------------------------------------ internals
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qguard.errors import LabelError
+from qguard.errors import InputError, LabelError
 
 
 class Severity(str, enum.Enum):
@@ -304,3 +304,17 @@ class Debouncer:
     def final(self) -> bool:
         """True once no later token can change the verdict."""
         return self.label is Severity.UNSAFE or (self.rule is DebounceRule.REPORT and self.position is not None)
+
+
+def resolve_policy(mode: Mode | str | None, policy: Policy | None) -> Policy:
+    """The policy of `mode` (default strict), or `policy` itself; both, with different modes, is an error."""
+    try:
+        m = None if mode is None else Mode(mode)
+    except ValueError:
+        raise InputError(f"unknown mode {mode!r}: use 'strict' or 'loose'") from None
+    if policy is not None:
+        if m is not None and m is not policy.mode:
+            raise InputError(f"mode={m.value!r} conflicts with the policy's mode {policy.mode.value!r}; "
+                             "give one of them (a Policy carries its own mode)")
+        return policy
+    return Policy(mode=m or Mode.STRICT)

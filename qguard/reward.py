@@ -95,10 +95,11 @@ class SafetyReward:
             raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
         pmsgs = [as_messages(p) for p in prompts]
         convs = [[*p, {"role": "assistant", "content": r}] for p, r in zip(pmsgs, responses)]
-        resp = self._judge(convs)
-        for i, r in enumerate(responses):  # like Guard.classify_response: an empty answer is not judged
-            if not isinstance(r, str) or not r.strip():
-                resp[i] = InputError("empty response: nothing to moderate")
+        # like Guard.classify_response, an empty answer is not judged (it gets `invalid_reward`)
+        judged = [i for i, r in enumerate(responses) if isinstance(r, str) and r.strip()]
+        resp: list[Verdict | Exception] = [InputError("empty response: nothing to moderate")] * len(convs)
+        for i, v in zip(judged, self._judge([convs[i] for i in judged])):
+            resp[i] = v
         prom = self._judge(pmsgs) if self.kind == "hybrid" and self.config.penalize_refusal != "always" \
             else [None] * len(convs)
         out: list[float | None] = [None] * len(convs)
@@ -117,7 +118,10 @@ class SafetyReward:
             if len(scores) != len(todo):
                 raise InputError(f"helpfulness scorer returned {len(scores)} scores for {len(todo)} pairs")
             for i, s in zip(todo, scores):
-                out[i] = float(s)
+                try:
+                    out[i] = float(s)
+                except (TypeError, ValueError):
+                    raise InputError(f"helpfulness scorer returned {s!r} for sample {i}, not a number") from None
         return [float(x) for x in out]  # type: ignore[arg-type]
 
     def _judge(self, convs: list[list[dict]]) -> list[Verdict | Exception]:

@@ -34,12 +34,19 @@ from dataclasses import dataclass
 import torch
 
 from qguard.calibration import calibrate_loaded
-from qguard.checkpoint import StreamLabels, build_stream_model, default_dtype, open_checkpoint, pick_device
+from qguard.checkpoint import (
+    StreamLabels,
+    build_stream_model,
+    model_path,
+    open_checkpoint,
+    pick_device,
+    resolve_dtype,
+)
 from qguard.engine.scoring import argmax_label, probs_dict, severity_probs
 from qguard.engine.stream import EngineStats, HeadProbs, StreamEngine
 from qguard.errors import CapacityError, InputError
 from qguard.incremental import IncrementalTokenizer
-from qguard.policy import Category, Debouncer, DebounceRule, Mode, Policy, Severity, Verdict
+from qguard.policy import Category, Debouncer, DebounceRule, Mode, Policy, Severity, Verdict, resolve_policy
 from qguard.tokenizer import (
     DOUBLE_NEWLINE,
     END_THINK,
@@ -109,27 +116,32 @@ _ANSWER = (Part.ANSWER,)
 class _Reader:
     """Walks the assistant turn token by token and says which tokens are moderated (O(1) per token).
 
-    Thinking on: `<think>` `\\n` reasoning... `</think>` `\\n\\n` answer... `<|im_end|>`.
+    Thinking on: `<think>` `\\n` reasoning... `</think>` `\\n\\n` answer... `<|im_end|>` (the newline after
+    `<think>` is `\\n\\n` in the empty block that Qwen3 writes when it skips thinking).
     Thinking off: the template already put the empty think block in the prompt; every token is answer.
+    `ends`: the ids that end the turn. Text pushes clear it (`StreamSession.push_text`): "<|im_end|>" in
+    the text of an LLM is text, and the caller ends the turn with `finish`; otherwise a response could
+    switch its own moderation off by writing it.
     """
 
     def __init__(self, thinking: bool, moderate_thinking: bool):
         self.phase = "start" if thinking else "answer"
         self.moderate_thinking = moderate_thinking
+        self.ends: tuple[int, ...] = (IM_END, ENDOFTEXT)
 
     def plan(self, ids: Sequence[int], phase: str | None = None) -> tuple[Sequence[Part | None], str]:
         """Part of each token (None = not moderated) and the phase after them, starting from `phase`
         (default: the current one); changes nothing."""
-        phase, parts = phase or self.phase, []
-        if phase == "answer" and IM_END not in ids and ENDOFTEXT not in ids:  # the common case, no loop
+        phase, parts, ends = phase or self.phase, [], self.ends
+        if phase == "answer" and not any(e in ids for e in ends):  # the common case, no loop
             return _ANSWER * len(ids), phase  # a one-token push gets the shared tuple itself
         for tok in ids:
-            part, phase = self._next(phase, tok)
+            part, phase = self._next(phase, tok, ends)
             parts.append(part if part is not Part.THINK or self.moderate_thinking else None)
         return parts, phase
 
     @staticmethod
-    def _next(phase: str, tok: int) -> tuple[Part | None, str]:
+    def _next(phase: str, tok: int, ends: tuple[int, ...]) -> tuple[Part | None, str]:
         if phase == "ended":
             raise InputError("the assistant turn already ended (<|im_end|> was pushed); open a new session")
         if phase == "start":
@@ -137,7 +149,7 @@ class _Reader:
                 return None, "think_open"
             phase = "answer"  # a model that answers without thinking
         if phase == "think_open":
-            if tok == NEWLINE:
+            if tok == NEWLINE or tok == DOUBLE_NEWLINE:  # "\n\n": the empty block "<think>\n\n</think>"
                 return None, "think"
             phase = "think"
         if phase == "think":
@@ -146,7 +158,7 @@ class _Reader:
             if tok == DOUBLE_NEWLINE:
                 return None, "answer"
             phase = "answer"
-        if tok in (IM_END, ENDOFTEXT):
+        if tok in ends:
             return None, "ended"
         return Part.ANSWER, "answer"
 
@@ -162,6 +174,7 @@ class StreamSession:
         self.prompt: Verdict | None = None
         self.length = 0  # tokens submitted so far (prompt included)
         self.closed = False
+        self.finished = False  # `finish` was called: the response is complete
         self.stop = False
         self._reader = _Reader(thinking, moderate_thinking)
         self._debouncer = Debouncer(guard.debounce_rule)
@@ -179,7 +192,8 @@ class StreamSession:
         return self.guard._run_one(self, ids)
 
     def push_text(self, delta: str) -> list[TokenVerdict]:
-        """Push an assistant text delta (LLMs with another tokenizer); verdicts for the ids it commits."""
+        """Push an assistant text delta (LLMs with another tokenizer); verdicts for the ids it commits.
+        The text is all content: "<|im_end|>" in it does not end the turn, `finish` does."""
         ids = self._text_stream().push(delta)
         return self.push(ids) if ids else []
 
@@ -190,8 +204,9 @@ class StreamSession:
 
     def finish(self) -> Verdict:
         """End of the response: `flush`, then the debounced response verdict (call `flush` first to also
-        get the verdicts of the last tokens)."""
+        get the verdicts of the last tokens). Later pushes are refused."""
         self.flush()
+        self.finished = True
         return self.verdict()
 
     def verdict(self) -> Verdict:
@@ -239,13 +254,17 @@ class StreamSession:
     # ------------------------------------------------------------------------------------ internals
 
     def _text_stream(self) -> IncrementalTokenizer:
+        self._check_open()
         if self._text is None:
             self._text = IncrementalTokenizer(self.guard.tokenizer)
+            self._reader.ends = ()
         return self._text
 
     def _check_open(self) -> None:
         if self.closed:
             raise InputError("this stream session is closed")
+        if self.finished:
+            raise InputError("this stream session's response is finished; open a new session")
 
     def _consume(self, ids: Sequence[int], parts: Sequence[Part | None], table: _Table, a: int) -> list[TokenVerdict]:
         """Turn the engine's probabilities for pushed tokens (rows a.. of the run's `table`) into verdicts
@@ -286,6 +305,13 @@ class StreamSession:
                                 "response_label": dlabel, "unsafe_position": dpos, "stop": self.stop})
             out.append(tv)
         return out
+
+
+def _token_ids(ids: Sequence[int]) -> list[int]:
+    """A push's ids as a list (the values are checked in `StreamGuard._validate`)."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise InputError(f"push takes a sequence of token ids, got {type(ids).__name__}; use push_text for text")
+    return list(ids)
 
 
 SEVERITY_KEYS = tuple(s.value for s in (Severity.SAFE, Severity.UNSAFE, Severity.CONTROVERSIAL))
@@ -370,7 +396,7 @@ class AsyncStreamSession:
         return self.session.stop
 
     async def push(self, ids: Sequence[int]) -> list[TokenVerdict]:
-        return await self.session.guard._submit_async(self.session, list(ids))
+        return await self.session.guard._submit_async(self.session, _token_ids(ids))
 
     async def push_text(self, delta: str) -> list[TokenVerdict]:
         ids = self.session._text_stream().push(delta)
@@ -382,6 +408,7 @@ class AsyncStreamSession:
 
     async def finish(self) -> Verdict:
         await self.flush()
+        self.session.finished = True
         return self.session.verdict()
 
     def verdict(self) -> Verdict:
@@ -409,11 +436,11 @@ class StreamGuard:
     """
 
     def __init__(self, model, tokenizer, labels: StreamLabels, *, policy: Policy | None = None,
-                 mode: Mode | str = Mode.STRICT, debounce: DebounceRule | str = DebounceRule.EVAL,
+                 mode: Mode | str | None = None, debounce: DebounceRule | str = DebounceRule.EVAL,
                  max_sessions: int = 8, max_context: int = 2048, prefill_chunk: int = 512,
                  static_decode: bool | None = None, compile_step: bool = False):
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
-        self.policy = policy or Policy(mode=Mode(mode))
+        self.policy = resolve_policy(mode, policy)
         self.debounce_rule = DebounceRule(debounce)
         self.engine = StreamEngine(model, max_sessions=max_sessions, max_context=max_context,
                                    prefill_chunk=prefill_chunk, static_decode=static_decode,
@@ -426,14 +453,16 @@ class StreamGuard:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qguard-stream")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, calibration=None, **kw) -> StreamGuard:
-        """Load a Qwen3Guard-Stream checkpoint (local path or hub id); kw go to `StreamGuard`.
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *,
+                        device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                        calibration=None, **kw) -> StreamGuard:
+        """Load a Qwen3Guard-Stream checkpoint (local path or hub id; None: the embedded starter model);
+        kw go to `StreamGuard`.
 
-        `calibration`: as in `Guard.from_pretrained` (default: the checkpoint's own file, if any)."""
-        ckpt = open_checkpoint(name_or_path)
+        `dtype` and `calibration`: as in `Guard.from_pretrained`."""
+        ckpt = open_checkpoint(model_path(name_or_path))
         dev = pick_device(device)
-        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(dev)
+        dt = resolve_dtype(dtype, dev)
         model, labels = build_stream_model(ckpt, dev, dt)  # CheckpointError unless a Stream checkpoint
         calibrate_loaded(model, "stream", ckpt.path, calibration)
         return cls(model, load_tokenizer(ckpt.path), labels, **kw)
@@ -464,8 +493,9 @@ class StreamGuard:
         return session
 
     def push_many(self, pushes: Mapping[StreamSession, Sequence[int]]) -> dict[StreamSession, list[TokenVerdict]]:
-        """Push tokens to several sessions in one batched step."""
-        results = self._run_each([(s, list(ids), False) for s, ids in pushes.items()])
+        """Push tokens to several sessions in one batched step. All or nothing: if any push is invalid,
+        its error is raised and no session moves (so the caller can fix it and retry the batch)."""
+        results = self._run_each([(s, _token_ids(ids), False) for s, ids in pushes.items()], atomic=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -551,7 +581,7 @@ class StreamGuard:
                                 f"engine's max_context of {self.engine.max_context}; raise max_context")
 
     def _run_one(self, session: StreamSession, ids: Sequence[int]) -> list[TokenVerdict]:
-        r = self._run_each([(session, list(ids), False)])[0]
+        r = self._run_each([(session, _token_ids(ids), False)])[0]
         if isinstance(r, BaseException):
             raise r
         return r
@@ -563,30 +593,35 @@ class StreamGuard:
                 raise r
         return results
 
-    def _run_each(self, items: list[tuple[StreamSession, list[int], bool]]) -> list:
+    def _run_each(self, items: list[tuple[StreamSession, list[int], bool]], atomic: bool = False) -> list:
         """Validate, submit and run a batch of pushes in one engine run; a result or an error per item.
 
-        Each item is checked before it is submitted, so a bad push fails alone and leaves its session
-        unchanged. Per session the work is plain Python; the tensor work is done once for the run.
+        Every item is checked before any is submitted, so a bad push fails alone and leaves its session
+        unchanged; with `atomic`, one bad push fails the batch before anything runs. Per session the work
+        is plain Python; the tensor work is done once for the run.
         """
         eng = self.engine
         with eng.lock:
             results: list = [None] * len(items)
             todo = []  # (item, session, ids, parts, reader phase after them, slot tokens before them, prompt)
             batch: dict[int, tuple[int, str | None]] = {}  # slot -> (tokens this batch adds, reader phase after)
-            validate, submit = self._validate, eng.submit  # bound once: the loops run per session
+            validate = self._validate  # bound once: the loop runs per session
             for k, (s, ids, prompt) in enumerate(items):
                 slot = s.slot
                 before, phase = batch.get(slot, (0, None))
                 try:
                     parts, phase = validate(s, ids, before, phase, prompt)
-                    if ids:
-                        submit(slot, ids, checked=True)
                 except (InputError, CapacityError) as e:
                     results[k] = e
                     continue
                 batch[slot] = (before + len(ids), phase)
                 todo.append((k, s, ids, parts, phase, before, prompt))
+            if atomic and len(todo) < len(items):
+                return results
+            submit = eng.submit
+            for _, s, ids, *_ in todo:
+                if ids:
+                    submit(s.slot, ids, checked=True)  # validated above: cannot fail
             out = eng.run_packed()
             table: _Table | None = None  # read once for the whole run, when a response push needs it
             rows = out.rows
@@ -608,7 +643,7 @@ class StreamGuard:
     def _validate(self, s: StreamSession, ids: list[int], extra: int, phase: str | None,
                   prompt: bool) -> tuple[Sequence[Part | None], str]:
         """(part of each token, reader phase after them) if the push is valid; raises otherwise."""
-        if s.closed:
+        if s.closed or s.finished:
             s._check_open()
         vocab = self._vocab
         for i in ids:  # plain ints in range (the usual push) pass without building a list

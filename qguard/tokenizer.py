@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -69,6 +70,21 @@ def qwen3_chat_template() -> str:
     return (ASSETS / "qwen3_chat_template.jinja").read_text("utf-8")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def join_surrogates(text: str) -> str:
+    """Join UTF-16 surrogate pairs left in a str (e.g. by a JavaScript client) into their characters."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+
+def fix_surrogates(text: str) -> str:
+    """`join_surrogates`, then any surrogate left alone (ill-formed text) becomes U+FFFD."""
+    return _SURROGATE.sub("\ufffd", join_surrogates(text))
+
+
 def check_messages(messages: Sequence[Message]) -> list[Message]:
     """Validate a chat: a non-empty list of {role, content} with text content. Returns plain dicts."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
@@ -82,6 +98,10 @@ def check_messages(messages: Sequence[Message]) -> list[Message]:
             raise InputError(f"message {i}: role must be system, user or assistant, got {role!r}")
         if not isinstance(content, str):
             raise InputError(f"message {i}: content must be text, got {type(content).__name__}")
+        content = join_surrogates(content)
+        if bad := _SURROGATE.search(content):
+            raise InputError(f"message {i}: content is not valid Unicode (an unpaired UTF-16 surrogate "
+                             f"{bad.group()!r} at character {bad.start()}); decode the text correctly")
         out.append({"role": role, "content": content})
     if not any(m["content"].strip() for m in out if m["role"] != "system"):
         raise InputError("nothing to moderate: every message is empty")
@@ -108,8 +128,11 @@ class StreamLayout:
 
     - `user_end`: the `<|im_end|>` closing the last user turn, where the query heads are read.
     - `think_start`: first token of the final assistant turn's reasoning (after `<think>`), if it has a turn.
+    - `reasoning_start` / `reasoning_end`: [start, end) of the reasoning tokens that thinking moderation
+      reads, the way `qguard.stream` reads a live turn: after `<think>` and the newline after it, up to
+      `</think>`. Empty when the turn has no reasoning (the template's empty think block is scaffolding).
     - `answer_start` / `answer_end`: [start, end) of the answer tokens, after `</think>\n\n` and before
-      the closing `<|im_end|>`; both len(ids) when the last message is from the user.
+      the closing `<|im_end|>`; all four len(ids) when the last message is from the user.
     """
 
     ids: list[int]
@@ -117,6 +140,16 @@ class StreamLayout:
     think_start: int
     answer_start: int
     answer_end: int
+    reasoning_start: int
+    reasoning_end: int
+
+    def moderated(self, moderate_thinking: bool = True) -> range | list[int]:
+        """Positions of the response tokens that get verdicts: the answer, after the reasoning if it is
+        moderated."""
+        answer = range(self.answer_start, self.answer_end)
+        if not moderate_thinking or self.reasoning_end <= self.reasoning_start:
+            return answer
+        return [*range(self.reasoning_start, self.reasoning_end), *answer]
 
 
 def stream_layout(tokenizer, messages: Sequence[Message]) -> StreamLayout:
@@ -124,7 +157,7 @@ def stream_layout(tokenizer, messages: Sequence[Message]) -> StreamLayout:
     if messages[-1]["role"] == "user":
         ids = encode(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=True))
         n = len(ids)
-        return StreamLayout(ids, _last_index(ids, IM_END), n, n, n)
+        return StreamLayout(ids, _last_index(ids, IM_END), n, n, n, n, n)
     if not any(m["role"] == "user" for m in messages):
         raise InputError("a response must follow a user message")
     head_text = render_chat(tokenizer, messages[:-1], add_generation_prompt=True, enable_thinking=True)
@@ -143,7 +176,11 @@ def stream_layout(tokenizer, messages: Sequence[Message]) -> StreamLayout:
     ids += encode(tokenizer, answer)
     answer_end = len(ids)
     ids += [IM_END, NEWLINE]
-    return StreamLayout(ids, _last_index(head, IM_END), len(head) + 1, answer_start, answer_end)
+    # reasoning: what follows "<think>" and its newline, up to "</think>"; the empty think block
+    # "<think>\n\n</think>" has none (qguard.stream reads a live turn the same way)
+    r0 = len(head) + 1 + (len(think) > 1 and think[1] in (NEWLINE, DOUBLE_NEWLINE))
+    r1 = len(head) + len(think)
+    return StreamLayout(ids, _last_index(head, IM_END), len(head) + 1, answer_start, answer_end, min(r0, r1), r1)
 
 
 def _last_index(ids: Sequence[int], token: int) -> int:

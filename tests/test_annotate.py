@@ -199,3 +199,33 @@ def test_cli_reports_errors_without_traceback(tmp_path, model_dir):
 
     assert main(["annotate", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl"),
                  "--model", str(model_dir)]) == 2
+
+
+def test_json_array_in_and_out_and_a_new_output_folder(guard, tmp_path):
+    items = rows(3, seed=4)
+    inp = tmp_path / "rows.json"
+    inp.write_text(json.dumps(items, indent=2), "utf-8")  # a pretty-printed array, not JSON Lines
+    out = tmp_path / "new" / "folder" / "out.json"
+    s = annotate(guard, inp, out, progress=False)
+    got = json.loads(out.read_text("utf-8"))  # a JSON array again
+    assert s.rows == 3 and s.errors == 0
+    assert [r["id"] for r in got] == [r["id"] for r in items] and all("guard" in r for r in got)
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name still reads as lines
+    write_jsonl(lines, items)
+    assert annotate(guard, lines, tmp_path / "o2.jsonl", progress=False).rows == 3
+
+
+def test_an_unreadable_input_leaves_no_partial_file(guard, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"messages\n\xff\xfe\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(InputError, match="not UTF-8"):
+        annotate(guard, bad, out, progress=False)
+    assert not partial_path(out).exists()
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"messages": [}', "utf-8")
+    with pytest.raises(InputError, match="not a valid JSON array"):
+        annotate(guard, broken, out, progress=False)
+    assert not partial_path(out).exists()
+    bad.write_text("prompt\nhello\n", "utf-8")  # fixed: the same command now just runs
+    assert annotate(guard, bad, out, fields=FieldMap(prompt_field="prompt"), progress=False).rows == 1

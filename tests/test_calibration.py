@@ -144,3 +144,17 @@ def test_cli_calibrate_fits_writes_and_is_picked_up(stream_dir, tmp_path, capsys
     assert "--out is needed" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(stream_dir), "--data", str(data), "--holdout", "1"]) == 2
     assert "holdout" in capsys.readouterr().err
+
+
+def test_cli_calibrate_keeps_the_temperature_of_a_head_without_rows(stream_dir, tmp_path, capsys):
+    out = tmp_path / "cal.json"
+    Calibration(temperature={"prompt": 2.0, "response": 1.7}).save(out)
+    rows = [{"id": f"p{i}", "task": "prompt", "label": "Unsafe" if i % 2 else "Safe",
+             "messages": [{"role": "user", "content": f"question {i}"}]} for i in range(20)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["calibrate", "--model", str(stream_dir), "--data", str(data), "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    cal = Calibration.load(out)
+    assert cal.temperature["response"] == 1.7 and "response" in summary["kept"]
+    assert cal.report["fitted"] == ["prompt"]

@@ -92,3 +92,85 @@ def test_no_model_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.setattr(qguard.starter, "starter_model_path", lambda: None)
     code, _, err = run(capsys, "classify", "hello")
     assert code == 2 and "no model given" in err
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["classify", "--device", "gpu", "hello"], "unknown device 'gpu'"),
+    (["serve", "--port", "99999"], "a port is 0..65535"),
+    (["serve", "--max-concurrency", "0"], "expected a positive integer, got 0"),
+    (["annotate", "in.jsonl", "-o", "out.jsonl", "--max-new-tokens", "0"], "expected a positive integer, got 0"),
+    (["train", "stream", "--data", "d", "--out", "o", "--max-steps", "0"], "expected a positive integer, got 0"),
+    (["train", "stream", "--data", "d", "--out", "o", "--batch-tokens", "-5"], "expected a positive integer"),
+    (["train", "gen", "--data", "d", "--out", "o", "--init", "i", "--epochs", "0"], "expected a positive number"),
+    (["eval", "--data", "d", "--out", "o", "--mode", "loose"], "unrecognized arguments: --mode"),
+    (["calibrate", "--data", "d", "--calibration", "x.json"], "unrecognized arguments: --calibration"),
+])
+def test_bad_options_are_refused_before_any_work(capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and "Traceback" not in err
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit):
+        main(["classify", "--device", "cuda", "hello"])
+    assert "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_bad_output_paths_fail_before_the_work(capsys, tiny_stream, tmp_path):
+    a_file = tmp_path / "taken.json"
+    a_file.write_text("{}")
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"id": "a", "task": "prompt", "label": "Safe",
+                                "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    for argv, msg in [
+        (["eval", "-m", str(tiny_stream), "--data", str(data), "--out", str(a_file / "sub")], "cannot create the folder"),
+        (["eval-report", str(tmp_path), "--out", str(a_file / "r.md")], "cannot create the folder"),
+        (["calibrate", "-m", str(tiny_stream), "--data", str(data), "--out", str(tmp_path)], "is a directory"),
+        (["train", "stream", "--data", str(data), "--out", str(a_file), "--max-steps", "1"], "is not a directory"),
+    ]:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and msg in err and "Traceback" not in err, (argv, err)
+
+
+def test_calibrate_never_overwrites_the_shipped_starter_calibration(capsys, tmp_path, monkeypatch):
+    from qguard.starter import starter_model_path
+
+    if starter_model_path() is None:
+        pytest.skip("this build ships no starter model")
+    monkeypatch.delenv("QGUARD_MODEL", raising=False)
+    before = (starter_model_path() / "qguard_calibration.json").read_bytes()
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"id": "a", "task": "prompt", "label": "Safe",
+                                "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    code, _, err = run(capsys, "calibrate", "--data", str(data))
+    assert code == 2 and "embedded starter" in err and "--out" in err
+    assert (starter_model_path() / "qguard_calibration.json").read_bytes() == before
+
+
+def test_label_rollouts_never_clobbers_its_input_or_output(capsys, tiny_gen, tmp_path):
+    data = tmp_path / "responses.jsonl"
+    row = {"id": "a", "task": "response", "label": "Unsafe",
+           "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Step one, step two."}]}
+    data.write_text(json.dumps(row) + "\n")
+    before = data.read_bytes()
+    llm = "openai:http://127.0.0.1:9/v1#m"  # nothing listens on port 9
+    code, _, err = run(capsys, "train", "label-rollouts", "--data", str(data), "--out", str(data), "--llm", llm,
+                       "--judge", str(tiny_gen))
+    assert code == 2 and "must differ from --data" in err and data.read_bytes() == before
+    out = tmp_path / "labelled.jsonl"
+    out.write_text("earlier results\n")
+    code, _, err = run(capsys, "train", "label-rollouts", "--data", str(data), "--out", str(out), "--llm", llm,
+                       "--judge", str(tiny_gen))
+    assert code == 2 and "http://127.0.0.1:9/v1" in err and "cannot be reached" in err and "Traceback" not in err
+    assert out.read_text() == "earlier results\n"  # --out changes only once every row is labelled
+
+
+def test_serve_refuses_a_max_context_over_the_models(capsys, tiny_stream):
+    code, _, err = run(capsys, "serve", "-m", str(tiny_stream), "--max-context", "100000")
+    assert code == 2 and "over the model's context" in err

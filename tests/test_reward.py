@@ -107,3 +107,26 @@ def test_invalid_completions(guard):
     assert SafetyReward(guard, invalid_reward=-1.0).score(["hi"], [""]) == [-1.0]
     with pytest.raises(ValueError):
         SafetyReward(guard, "hybrid")
+
+
+def test_empty_completion_gets_invalid_reward_alone_with_a_stream_judge(tiny_stream):
+    from qguard.guard import Guard
+
+    g = Guard.from_pretrained(tiny_stream, device="cpu")
+    fn = reward_fn(g, invalid_reward=-1.0)
+    rewards = fn(["hi", "hello", "hey"], ["", "ok then", "<think>x</think>"])
+    assert rewards[0] == -1.0
+    assert rewards[1:] == [guard_only_reward(g.classify_response("hello", "ok then")),
+                           guard_only_reward(g.classify_response("hey", "<think>x</think>"))]
+
+
+class AllSafe:
+    def classify_conversations(self, convs, return_errors=False):
+        return [v("Safe", refusal=False) for _ in convs]
+
+
+def test_a_helpfulness_score_that_is_not_a_number_is_named():
+    hybrid = SafetyReward(AllSafe(), "hybrid", lambda ps, rs: [None] * len(rs))
+    with pytest.raises(InputError, match="returned None for sample 0, not a number"):
+        hybrid.score(["hi"], ["fine"])
+    assert SafetyReward(AllSafe(), "hybrid", lambda ps, rs: [0.5] * len(rs)).score(["hi"], ["fine"]) == [0.5]

@@ -250,9 +250,10 @@ def test_serve_cli_refuses_unsafe_settings(capsys, tiny_stream, monkeypatch):
     from qguard.cli import main
 
     monkeypatch.delenv("QGUARD_API_KEYS", raising=False)
-    assert main(["serve", "-m", str(tiny_stream), "--max-concurrency", "0"]) == 2
-    assert "--max-concurrency must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused by the option parser, before the model loads
+        main(["serve", "-m", str(tiny_stream), "--max-concurrency", "0"])
+    assert e.value.code == 2 and "--max-concurrency: expected a positive integer" in capsys.readouterr().err
     assert main(["serve", "-m", str(tiny_stream), "--host", "0.0.0.0"]) == 2
     assert "without API keys" in capsys.readouterr().err
-    assert main(["serve", "-m", str(tiny_stream), "--max-context", "0"]) == 2
-    assert "--max-context" in capsys.readouterr().err
+    assert main(["serve", "-m", str(tiny_stream), "--max-context", "8"]) == 2
+    assert "--max-context must be at least 16" in capsys.readouterr().err

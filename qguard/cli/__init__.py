@@ -8,23 +8,99 @@ import logging
 import os
 import pkgutil
 import sys
+from pathlib import Path
 
 from qguard.errors import QGuardError
 
 MODEL_ENV = "QGUARD_MODEL"
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+# ------------------------------------------------------------------ argument types (errors exit 2, no run)
+
+def _positive(cast, what: str):
+    def parse(text: str):
+        try:
+            x = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not x > 0:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return x
+
+    return parse
+
+
+positive_int = _positive(int, "a positive integer")
+positive_float = _positive(float, "a positive number")
+
+
+def port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {n}")
+    return n
+
+
+def device(text: str) -> str:
+    """A torch device string that this machine has (checked before any model loads)."""
+    from qguard.checkpoint import pick_device
+    from qguard.errors import InputError
+
+    try:
+        pick_device(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+# ------------------------------------------------------------ output paths (checked before the work runs)
+
+def output_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a file the command can write at the end: its folder is created now, so a bad path fails
+    before minutes of work rather than after."""
+    out = Path(path)
+    if out.is_dir():
+        raise QGuardError(f"{what}: {out} is a directory; give a file name such as {out / 'out.jsonl'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QGuardError(f"{what}: cannot create the folder {out.parent} ({e.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise QGuardError(f"{what}: the folder {out.parent} is not writable")
+    return out
+
+
+def output_dir(path: str | os.PathLike, what: str) -> Path:
+    """`path` as an output folder, created now (see `output_file`)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise QGuardError(f"{what}: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QGuardError(f"{what}: cannot create the folder {out} ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise QGuardError(f"{what}: the folder {out} is not writable")
+    return out
+
+
+def add_model_args(p: argparse.ArgumentParser, mode: bool = True, calibration: bool = True) -> None:
+    """--model, --device, --dtype, and --mode / --calibration for the commands whose output they change."""
     p.add_argument("--model", "-m", default=None,
                    help=f"checkpoint directory or hub id (default: ${MODEL_ENV}, else the embedded starter model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, type=device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--mode", default="strict", choices=["strict", "loose"],
-                   help="strict: Controversial counts as Unsafe; loose: as Safe")
-    p.add_argument("--calibration", default=None, metavar="FILE|none",
-                   help="temperatures from `qguard calibrate` (default: the checkpoint's qguard_calibration.json "
-                        "if it has one; 'none': raw probabilities). Labels never change, only probabilities.")
+    if mode:
+        p.add_argument("--mode", default="strict", choices=["strict", "loose"],
+                       help="strict: Controversial counts as Unsafe; loose: as Safe")
+    if calibration:
+        p.add_argument("--calibration", default=None, metavar="FILE|none",
+                       help="temperatures from `qguard calibrate` (default: the checkpoint's qguard_calibration.json "
+                            "if it has one; 'none': raw probabilities). Labels never change, only probabilities.")
 
 
 def calibration_arg(args: argparse.Namespace):
@@ -48,8 +124,8 @@ def model_name(args: argparse.Namespace) -> str:
 def load_guard(args: argparse.Namespace):
     from qguard.guard import Guard
 
-    return Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype, mode=args.mode,
-                                 calibration=calibration_arg(args))
+    return Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype,
+                                 mode=getattr(args, "mode", None), calibration=calibration_arg(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         importlib.import_module(f"{__name__}.{mod}").register(sub)
+    _no_abbreviations(parser)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Options must be spelt out: with argparse's prefix matching, `eval --mode loose` would quietly
+    mean `--model loose` (eval has no --mode)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _no_abbreviations(child)
 
 
 def main(argv: list[str] | None = None) -> int:

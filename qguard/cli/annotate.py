@@ -6,14 +6,14 @@ import argparse
 import json
 import sys
 
-from qguard.cli import add_model_args, calibration_arg, model_name
+from qguard.cli import add_model_args, calibration_arg, model_name, positive_int
 
 
 def register(sub) -> None:
     p = sub.add_parser("annotate", help="add a `guard` object to every row of a JSONL/CSV/Parquet file "
                                         "(resumable: re-run the same command to continue)")
     add_model_args(p)
-    p.add_argument("input", help="input file (.jsonl, .csv or .parquet)")
+    p.add_argument("input", help="input file (.jsonl, .json: an array or JSON Lines, .csv or .parquet)")
     p.add_argument("-o", "--output", required=True, help="output file; its extension picks the format")
     p.add_argument("--messages-field", default="messages",
                    help="field holding a list of {role, content} (default: messages, the shared data schema)")
@@ -21,10 +21,10 @@ def register(sub) -> None:
     p.add_argument("--response-field", help="with --prompt-field: field holding the assistant response to judge")
     p.add_argument("--filter", choices=["safe", "unsafe"],
                    help="keep only rows judged safe / unsafe under --mode")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per engine call and per checkpoint write")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per engine call and per checkpoint write")
     p.add_argument("--backend", choices=["torch", "vllm"], default="torch",
                    help="torch: qguard's engine (default); vllm: vLLM on GPU (pip install 'qguard[vllm]')")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer budget of Gen models")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer budget of Gen models")
     p.add_argument("--restart", action="store_true", help="discard a partial run of OUTPUT and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
@@ -46,10 +46,7 @@ def load_classifier(args: argparse.Namespace):
 
 def run_annotate(args: argparse.Namespace) -> int:
     from qguard.annotate import FieldMap, annotate
-    from qguard.errors import InputError
 
-    if args.batch_size < 1:
-        raise InputError("--batch-size must be at least 1")
     fields = FieldMap(args.messages_field, args.prompt_field, args.response_field)
     summary = annotate(load_classifier(args), args.input, args.output, fields=fields, mode=args.mode,
                        filter=args.filter, batch_size=args.batch_size, restart=args.restart,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from qguard.cli import add_model_args, load_guard
+from qguard.cli import add_model_args, load_guard, port, positive_int
 from qguard.errors import InputError
 
 
@@ -13,15 +13,15 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="HTTP moderation API + guarded OpenAI-compatible proxy")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=port, default=8080)
     p.add_argument("--upstream", default=None, help="OpenAI-compatible base URL of the LLM to guard (…/v1)")
     p.add_argument("--upstream-key-env", default="UPSTREAM_API_KEY",
                    help="environment variable holding the upstream API key (never pass keys on the command line)")
     p.add_argument("--api-keys-env", default="QGUARD_API_KEYS",
                    help="environment variable with comma-separated client API keys; unset = no auth")
     p.add_argument("--refusal", default=None, help="text returned in place of blocked content")
-    p.add_argument("--max-concurrency", type=int, default=16, help="requests in flight (and live stream sessions)")
-    p.add_argument("--max-context", type=int, default=4096, help="tokens per live-moderated stream")
+    p.add_argument("--max-concurrency", type=positive_int, default=16, help="requests in flight (and live stream sessions)")
+    p.add_argument("--max-context", type=positive_int, default=4096, help="tokens per live-moderated stream")
     p.add_argument("--log-content", action="store_true", help="log message text (off by default: privacy)")
     p.set_defaults(func=run_serve)
 
@@ -31,8 +31,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from qguard.serve import ServeSettings, create_app
 
-    if args.max_concurrency < 1:
-        raise InputError("--max-concurrency must be at least 1")
     if args.max_context < 16:
         raise InputError("--max-context must be at least 16 tokens")
     keys = os.environ.get(args.api_keys_env)
@@ -44,5 +42,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency, max_context=args.max_context, log_content=args.log_content,
         **({"refusal_message": args.refusal} if args.refusal else {}),
     )
-    uvicorn.run(create_app(load_guard(args), settings), host=args.host, port=args.port, log_level="info")
+    guard = load_guard(args)
+    if args.max_context > guard.max_len:  # the server's setting, not a client's request, is wrong
+        raise InputError(f"--max-context {args.max_context} is over the model's context of {guard.max_len} tokens")
+    uvicorn.run(create_app(guard, settings), host=args.host, port=args.port, log_level="info")
     return 0

@@ -13,6 +13,7 @@ import os
 import random
 from pathlib import Path
 
+from qguard.cli import device, output_dir, output_file, positive_float, positive_int
 from qguard.errors import InputError
 
 
@@ -28,13 +29,14 @@ def register(sub) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, help="JSONL files or folders of *.jsonl (canonical schema)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget; stops cleanly when spent")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per step (per process)")
+    p.add_argument("--epochs", type=positive_float, default=1.0)
+    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--minutes", type=positive_float, default=None, help="wall-clock budget; stops cleanly when spent")
+    p.add_argument("--batch-tokens", type=positive_int, default=8192, help="padded tokens per step (per process)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, type=device,
+                   help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--fsdp", action="store_true", help="FSDP instead of DDP when run under torchrun")
     p.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
 
@@ -45,9 +47,9 @@ def _stream_parser(tsub) -> None:
     p.add_argument("--init", default=None, help="Stream checkpoint to start from (default: a fresh model, --arch)")
     p.add_argument("--arch", default=None, help="JSON object overriding the fresh model's config (hidden_size, ...)")
     p.add_argument("--backbone", default="full", choices=["full", "frozen", "lora"])
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-len", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--lora-rank", type=positive_int, default=8)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--max-len", type=positive_int, default=256, help="tokens per training sequence")
     p.add_argument("--splices", type=int, default=0,
                    help="add N benign-opening + unsafe-response splices (first unsafe token known)")
     p.add_argument("--controversial-minutes", type=float, default=0.0,
@@ -63,8 +65,8 @@ def _gen_parser(tsub) -> None:
     p = tsub.add_parser("gen", help="SFT a Qwen3 causal LM to the Qwen3Guard-Gen answer format")
     _common(p)
     p.add_argument("--init", required=True, help="Qwen3ForCausalLM checkpoint (Gen or base model)")
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--max-content-chars", type=int, default=4000)
+    p.add_argument("--lr", type=positive_float, default=1e-5)
+    p.add_argument("--max-content-chars", type=positive_int, default=4000)
     p.set_defaults(func=run_gen)
 
 
@@ -92,9 +94,9 @@ def _rollout_parser(tsub) -> None:
     p.add_argument("--llm", required=True, help="hf:PATH_OR_ID or openai:BASE_URL#MODEL (rollout generator)")
     p.add_argument("--judge", required=True, help="Gen guard checkpoint that judges finished rollouts")
     p.add_argument("--confirm-llm", default=None, help="LLM-as-judge for the confirmation (default: --llm)")
-    p.add_argument("--rollouts", type=int, default=8)
+    p.add_argument("--rollouts", type=positive_int, default=8)
     p.add_argument("--threshold", type=float, default=0.85)
-    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--stride", type=positive_int, default=1)
     p.add_argument("--api-key", default=None)
     p.set_defaults(func=run_rollouts)
 
@@ -128,6 +130,9 @@ def run_stream(args: argparse.Namespace) -> int:
     from qguard.train.stream import DEFAULT_ARCH, StreamTrainConfig, train_stream
 
     _setup(args)
+    if args.max_len < 8:
+        raise InputError("--max-len must be at least 8 tokens (a chat template alone takes several)")
+    output_dir(args.out, "--out")  # a bad path fails now, not after the training
     rows = _read(args)
     tok = load_tokenizer(args.init)
     if args.splices:
@@ -156,6 +161,7 @@ def run_gen(args: argparse.Namespace) -> int:
     from qguard.train.gen import GenTrainConfig, encode_gen_row, train_gen
 
     _setup(args)
+    output_dir(args.out, "--out")
     rows = _read(args)
     tok = load_tokenizer(args.init)
     examples = [encode_gen_row(tok, r, args.max_content_chars) for r in rows]
@@ -188,6 +194,11 @@ def run_rollouts(args: argparse.Namespace) -> int:
     from qguard.train import labeling
     from qguard.train.data import read_rows
 
+    if not 0 < args.threshold <= 1:
+        raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
+    out = output_file(args.out, "--out")
+    if out.exists() and Path(args.data).exists() and out.samefile(args.data):
+        raise InputError("--out must differ from --data (the input would be overwritten)")
     rows = read_rows(args.data)
     llm = _llm(args.llm, args.api_key)
     confirm = labeling.LLMAsJudge(_llm(args.confirm_llm, args.api_key) if args.confirm_llm else llm)
@@ -195,11 +206,13 @@ def run_rollouts(args: argparse.Namespace) -> int:
     cfg = labeling.RolloutConfig(n_rollouts=args.rollouts, threshold=args.threshold, stride=args.stride)
     tok = load_tokenizer()
     found = 0
-    with open(args.out, "w", encoding="utf-8") as f:
+    tmp = out.with_name(out.name + ".partial")  # --out only changes once every row is labelled
+    with tmp.open("w", encoding="utf-8") as f:
         for r in rows:
             new = labeling.rollout_label_row(r, tok, llm, judge, confirm, cfg)
             found += new.unsafe_span is not None and new.unsafe_span != r.unsafe_span
             f.write(json.dumps(_row_json(new), ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
     print(json.dumps({"rows": len(rows), "boundaries_found": found, "out": args.out}))
     return 0
 

@@ -139,7 +139,12 @@ class OpenAICompatLLM:
         self.model = model
 
     def _chat(self, body: dict[str, Any]) -> list[str]:
-        r = self.client.post("/chat/completions", json={"model": self.model, **body})
+        import httpx
+
+        try:
+            r = self.client.post("/chat/completions", json={"model": self.model, **body})
+        except httpx.HTTPError as e:
+            raise InputError(f"LLM endpoint {self.client.base_url} cannot be reached ({type(e).__name__}: {e})") from None
         if r.status_code != 200:
             raise InputError(f"LLM endpoint returned HTTP {r.status_code}: {r.text[:200]}")
         return [c["message"]["content"] or "" for c in r.json()["choices"]]
