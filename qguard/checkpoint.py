@@ -65,6 +65,16 @@ class Checkpoint:
             )
         raise CheckpointError(f"{self.path}: no weights found (expected {SINGLE} or {INDEX} with shards)")
 
+    def has_tensor(self, name: str) -> bool:
+        for f in self.tensor_files():
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    if name in st.keys():
+                        return True
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+        return False
+
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A local directory as is; otherwise a hub id, downloaded (or taken from the local HF cache)."""
@@ -121,9 +131,10 @@ def open_checkpoint(name_or_path: str | os.PathLike) -> Checkpoint:
 def load_weights(module: nn.Module, ckpt: Checkpoint, rename=lambda n: n, tied: dict[str, str] | None = None) -> None:
     """Copy every tensor of `ckpt` into `module`, strictly.
 
-    `rename` maps official names to module names; `tied` maps a module parameter to the one it may share
-    when the checkpoint omits it (tie_word_embeddings). Missing, unexpected or mis-shaped tensors raise one
-    CheckpointError that lists all of them.
+    `rename` maps official names to module names; `tied` maps a module parameter to the one it shares
+    (tie_word_embeddings): the checkpoint may omit it, and a copy it holds anyway is not loaded, as in
+    transformers (loading it would overwrite the shared tensor). Missing, unexpected or mis-shaped
+    tensors raise one CheckpointError that lists all of them.
     """
     params = dict(module.state_dict())
     tied = tied or {}
@@ -136,6 +147,8 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, rename=lambda n: n, tied: 
                     if official.endswith(IGNORED_TENSOR_SUFFIXES):
                         continue
                     name = rename(official)
+                    if name in tied:
+                        continue
                     if name not in params:
                         unexpected.append(official)
                         continue
@@ -309,7 +322,10 @@ def build_gen_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype):
 
     if ckpt.kind is not Kind.GEN:
         raise CheckpointError(f"{ckpt.path} is a {ckpt.kind.value} checkpoint, not a Gen one")
-    cfg = Qwen3Config.from_dict(ckpt.config)
+    config = dict(ckpt.config)
+    if config.get("tie_word_embeddings") is None:  # transformers' default is untied: read the tensors
+        config["tie_word_embeddings"] = not ckpt.has_tensor("lm_head.weight")
+    cfg = Qwen3Config.from_dict(config)
     with torch.device("meta"):
         model = GenGuardModel(cfg)
     model = model.to_empty(device="cpu").to(dtype)

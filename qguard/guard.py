@@ -26,6 +26,7 @@ from qguard.checkpoint import (
 )
 from qguard.engine.scoring import TokenScores, argmax_label, probs_dict, score_sequences, severity_probs
 from qguard.errors import InputError
+from qguard.model.gen import GEN_MAX_NEW_TOKENS
 from qguard.policy import DebounceRule, Mode, Policy, Severity, Verdict, debounce, resolve_policy
 from qguard.tokenizer import Message, StreamLayout, check_messages, load_tokenizer, stream_layout
 
@@ -98,7 +99,7 @@ class Guard:
     """Moderate prompts and responses with a Qwen3Guard-Gen or -Stream checkpoint."""
 
     def __init__(self, kind: Kind, name: str, tokenizer, policy: Policy, model, labels=None,
-                 debounce_rule: DebounceRule = DebounceRule.EVAL, max_new_tokens: int = 32,
+                 debounce_rule: DebounceRule = DebounceRule.EVAL, max_new_tokens: int = GEN_MAX_NEW_TOKENS,
                  calibration: Calibration | None = None, moderate_thinking: bool = True):
         self.kind, self.name, self.tokenizer, self.policy = kind, name, tokenizer, policy
         self.calibration = calibration  # already folded into `model` (qguard.calibration)
@@ -117,7 +118,7 @@ class Guard:
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *,
                         device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                         mode: Mode | str | None = None, policy: Policy | None = None,
-                        debounce: DebounceRule | str = DebounceRule.EVAL, max_new_tokens: int = 32,
+                        debounce: DebounceRule | str = DebounceRule.EVAL, max_new_tokens: int = GEN_MAX_NEW_TOKENS,
                         calibration: Calibration | str | os.PathLike | bool | None = None,
                         moderate_thinking: bool = True) -> Guard:
         """Load a checkpoint by local path or hub id; None loads the embedded starter model.

@@ -154,3 +154,24 @@ def test_shared_eval_data_with_limit(tiny_stream, tmp_path):
     assert [s for s in SUITES if s in results["suites"]] == list(results["suites"])
     assert results["benchmarks"]["wildguardtest_prompt_partial"]["column"] == "WildG-partial"
     assert results["benchmarks"]["xsafety"]["headline"]["kind"] == "recall"  # collection-labelled
+
+
+def test_latency_of_a_response_with_reasoning_is_counted_in_answer_tokens(tiny_stream):
+    from qguard.eval.data import Sample
+    from qguard.eval.runner import _latency
+    from qguard.guard import Guard
+    from qguard.policy import Policy, Severity
+
+    guard = Guard.from_pretrained(tiny_stream)
+    content = "Let me think about this request.</think>\n\nSure, happy to help. Mix the powders and pack them."
+    start = content.index("Mix")
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]
+    sample = Sample(id="x", benchmark="b", task="response", messages=msgs, label="Unsafe", categories=(),
+                    refusal=None, lang="en", collection_label=False, unsafe_span=(start, len(content)))
+    lay = stream_layout(guard.tokenizer, msgs)
+    n_reasoning = lay.reasoning_end - lay.reasoning_start
+    assert n_reasoning > 0 and len(lay.moderated()) == n_reasoning + lay.answer_end - lay.answer_start
+    first = _latency(guard, sample, Policy().verdict(Severity.UNSAFE, (), unsafe_position=0), True)["gold_tokens"][0]
+    for pos, want in ((n_reasoning + first, "Hit"), (n_reasoning - 1, "Ahead"), (n_reasoning + first - 1, "Ahead")):
+        v = Policy().verdict(Severity.UNSAFE, (), unsafe_position=pos)
+        assert _latency(guard, sample, v, True)["bin"] == want, pos

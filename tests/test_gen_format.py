@@ -6,6 +6,7 @@ from qguard.errors import InputError
 from qguard.model.gen import (
     COLON,
     CONTROVERSIAL_IDS,
+    GEN_MAX_NEW_TOKENS,
     SAFETY,
     SEVERITY_FIRST_TOKEN,
     ParseError,
@@ -93,7 +94,24 @@ def test_parse_ok(text, target, expected):
     ("Safety: Safe\nCategories: None\nRefusal: Maybe", "response", "third line"),
     ("Safety: Safe\nCategories: None\nblah blah", "prompt", "extra output"),
     ("=\"./=\"./=\"./", "prompt", "expected 2 lines"),
+    ("Safety: Unsafe\nCategories: Violence", "prompt", "unknown category 'Violence'"),  # Stream-config alias
+    ("Safety: Unsafe\nCategories: Politically Sensitive", "prompt", "unknown category"),  # a cut-off name
+    ("Safety: Unsafe\nCategories: Jailbreak\nRefusal: No", "response", "prompt category"),
 ])
 def test_parse_errors(text, target, msg):
     with pytest.raises(ParseError, match=msg):
         parse_answer(text, target)
+
+
+def test_the_answer_budget_holds_the_longest_well_formed_answer(tok):
+    """Every category plus the refusal line must fit, or a long answer is cut and loses categories."""
+    from qguard.policy import RESPONSE_CATEGORIES
+
+    longest = {
+        "prompt": "Safety: Controversial\nCategories: " + ", ".join(c.value for c in Category),
+        "response": "Safety: Controversial\nCategories: " + ", ".join(c.value for c in RESPONSE_CATEGORIES)
+                    + "\nRefusal: Yes",
+    }
+    for target, text in longest.items():
+        assert len(parse_answer(text, target).categories) == len(RESPONSE_CATEGORIES) + (target == "prompt")
+        assert len(encode(tok, text)) + 1 <= GEN_MAX_NEW_TOKENS  # + <|im_end|>

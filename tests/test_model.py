@@ -204,3 +204,22 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
 def test_a_file_instead_of_a_directory(tiny_stream):
     with pytest.raises(CheckpointError, match="is a file"):
         open_checkpoint(tiny_stream / "config.json")
+
+
+@pytest.mark.parametrize("tie", [None, True])
+def test_gen_lm_head_and_embedding_tie(tmp_path, tie):
+    """A config without tie_word_embeddings (transformers' default: untied) loads the checkpoint's own
+    lm_head; a tied config ignores a stray lm_head copy instead of overwriting the shared embedding."""
+    d = make_gen_checkpoint(tmp_path / "g", preset="tiny", seed=3)
+    weights = load_file(str(d / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    head = torch.randn_like(embed)
+    save_file({**weights, "lm_head.weight": head}, str(d / "model.safetensors"))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)
+    if tie is not None:
+        cfg["tie_word_embeddings"] = tie
+    (d / "config.json").write_text(json.dumps(cfg))
+    model = build_gen_model(open_checkpoint(d), torch.device("cpu"), torch.float32)
+    assert torch.equal(model.model.embed_tokens.weight, embed)
+    assert torch.equal(model.lm_head.weight, embed if tie else head)

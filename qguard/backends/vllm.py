@@ -34,6 +34,7 @@ from qguard.engine.gen import CATEGORIES_PREFIX, NO, REFUSAL_PREFIX, YES, _find,
 from qguard.errors import InputError, QGuardError
 from qguard.model.gen import (
     COLON,
+    GEN_MAX_NEW_TOKENS,
     SAFETY,
     SEVERITY_FIRST_TOKEN,
     ParseError,
@@ -57,7 +58,7 @@ class VLLMGenBackend:
     """`classify_conversations` for Gen checkpoints, run by vLLM."""
 
     def __init__(self, llm: Any, name: str, tokenizer: Any = None, policy: Policy | None = None,
-                 max_new_tokens: int = 32, logprobs: int = 20, max_model_len: int = 32768,
+                 max_new_tokens: int = GEN_MAX_NEW_TOKENS, logprobs: int = 20, max_model_len: int = 32768,
                  calibration: Calibration | None = None):
         if calibration is not None and calibration.kind != "gen":
             raise InputError(f"this calibration was fitted for a {calibration.kind} model, not a gen model")
@@ -69,7 +70,7 @@ class VLLMGenBackend:
         self.cat_first = first_token_ids(self.tokenizer)
 
     @classmethod
-    def from_pretrained(cls, name: str, *, mode: Mode | str = Mode.STRICT, max_new_tokens: int = 32,
+    def from_pretrained(cls, name: str, *, mode: Mode | str = Mode.STRICT, max_new_tokens: int = GEN_MAX_NEW_TOKENS,
                         logprobs: int = 20, calibration: Calibration | str | os.PathLike | bool | None = None,
                         **llm_kwargs: Any) -> VLLMGenBackend:
         """Start vLLM on `name` (hub id or directory) with prefix caching on; llm_kwargs go to vllm.LLM.

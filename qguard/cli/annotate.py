@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="rows per engine call and per checkpoint write")
     p.add_argument("--backend", choices=["torch", "vllm"], default="torch",
                    help="torch: qguard's engine (default); vllm: vLLM on GPU (pip install 'qguard[vllm]')")
-    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer budget of Gen models")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="answer budget of Gen models (default 64: room for the longest well-formed answer)")
     p.add_argument("--restart", action="store_true", help="discard a partial run of OUTPUT and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
@@ -33,15 +34,16 @@ def register(sub) -> None:
 
 def load_classifier(args: argparse.Namespace):
     name = model_name(args)
+    budget = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     if args.backend == "vllm":
         from qguard.backends.vllm import VLLMGenBackend
 
-        return VLLMGenBackend.from_pretrained(name, mode=args.mode, max_new_tokens=args.max_new_tokens,
+        return VLLMGenBackend.from_pretrained(name, mode=args.mode, **budget,
                                               calibration=calibration_arg(args))
     from qguard.guard import Guard
 
     return Guard.from_pretrained(name, device=args.device, dtype=args.dtype, mode=args.mode,
-                                 max_new_tokens=args.max_new_tokens, calibration=calibration_arg(args))
+                                 calibration=calibration_arg(args), **budget)
 
 
 def run_annotate(args: argparse.Namespace) -> int:

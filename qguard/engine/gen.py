@@ -38,6 +38,7 @@ from qguard.engine.kvcache import ContiguousCache
 from qguard.errors import InputError
 from qguard.model.gen import (
     COLON,
+    GEN_MAX_NEW_TOKENS,
     SAFETY,
     SEVERITY_FIRST_TOKEN,
     GenAnswer,
@@ -210,7 +211,7 @@ class _Row:
 class GenEngine:
     """Greedy Gen answers for many conversations at once (see the module docstring)."""
 
-    def __init__(self, model: GenGuardModel, tokenizer, max_new_tokens: int = 32, max_batch: int = 32,
+    def __init__(self, model: GenGuardModel, tokenizer, max_new_tokens: int = GEN_MAX_NEW_TOKENS, max_batch: int = 32,
                  batch_tokens: int = 16384):
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")

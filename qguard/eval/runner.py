@@ -21,6 +21,7 @@ from qguard.eval.data import Sample, find_files, read_benchmark, subsample
 from qguard.eval.spans import span_to_tokens
 from qguard.eval.suites import benchmark, select, suite_order
 from qguard.policy import Severity, Verdict
+from qguard.tokenizer import stream_layout
 
 
 @dataclass
@@ -66,8 +67,13 @@ def _latency(guard, sample: Sample, v: Verdict, is_stream: bool) -> dict | None:
         s, e = span_to_tokens(guard.tokenizer, sample.messages, sample.unsafe_span)
     except QGuardError as err:
         return {"error": str(err)}
-    # the official eval counts any debounced flag (Unsafe or Controversial) as the detection point
+    # the official eval counts any debounced flag (Unsafe or Controversial) as the detection point;
+    # unsafe_position counts the moderated tokens, reasoning first: shift it to the answer's frame
+    # (a flag inside the reasoning comes out negative: ahead of the answer)
     pos = v.unsafe_position if v.label is not Severity.SAFE else None
+    if pos is not None:
+        lay = stream_layout(guard.tokenizer, sample.messages)
+        pos -= len(lay.moderated(getattr(guard, "moderate_thinking", True))) - (lay.answer_end - lay.answer_start)
     return {"gold_tokens": [s, e], "pred_position": pos, "bin": M.latency_bin((s, e), pos)}
 
 

@@ -1,7 +1,8 @@
 """Map a gold `unsafe_span` (characters of the assistant message) onto answer-token indices.
 
-The Guard reports `unsafe_position` as an index into the answer tokens of `qguard.tokenizer.stream_layout`
-(the tokens after `</think>\\n\\n`). The chat template renders the answer as a suffix of the message
+Latency is measured in the answer tokens of `qguard.tokenizer.stream_layout` (the runner shifts the
+Guard's `unsafe_position`, which counts moderated reasoning tokens first, into that frame): the tokens
+after `</think>\\n\\n`. The chat template renders the answer as a suffix of the message
 content (it drops leading newlines and any reasoning before `</think>`), and stream_layout encodes that
 suffix on its own, so encoding the same suffix with offsets gives the same tokens with their characters.
 The facade has no such mapping; it lives here.

@@ -16,13 +16,16 @@ from torch import nn
 
 from qguard.errors import InputError
 from qguard.model.qwen3 import InferenceFusion, KVCache, Qwen3Config, Qwen3Model
-from qguard.policy import Category, Severity, parse_category
+from qguard.policy import Category, Severity
 from qguard.tokenizer import ASSETS, Message, check_messages
 
 # Token ids of the answer's fixed parts (spec section 2); tests pin them against the tokenizer.
 SAFETY, COLON = 73037, 25
 SEVERITY_FIRST_TOKEN = {Severity.SAFE: 22291, Severity.UNSAFE: 73067, Severity.CONTROVERSIAL: 2093}
 CONTROVERSIAL_IDS = (2093, 12563, 530)
+# Answer budget: the longest well-formed answer (a response in every category, then "Refusal: ...") is
+# 48 tokens; a smaller budget would cut it and lose categories (the official eval uses 128)
+GEN_MAX_NEW_TOKENS = 64
 GUARD_TEMPLATE_MARKER = "<BEGIN UNSAFE CONTENT CATEGORIES>"
 
 
@@ -123,9 +126,11 @@ def parse_answer(text: str, target: str) -> GenAnswer:
     if names != ["None"]:
         for n in names:
             try:
-                c = parse_category(n)
-            except Exception:
+                c = Category(n)  # the exact Gen strings (spec section 1), not the aliases of Stream configs
+            except ValueError:
                 raise ParseError(f"unknown category {n!r}") from None
+            if c is Category.JAILBREAK and target == "response":
+                raise ParseError("'Jailbreak' is a prompt category; a response answer cannot carry it")
             if c not in cats:
                 cats.append(c)
     refusal = None
