@@ -103,6 +103,8 @@ def check_messages(messages: Sequence[Message]) -> list[Message]:
             raise InputError(f"message {i}: content is not valid Unicode (an unpaired UTF-16 surrogate "
                              f"{bad.group()!r} at character {bad.start()}); decode the text correctly")
         out.append({"role": role, "content": content})
+    if all(m["role"] == "system" for m in out):
+        raise InputError("nothing to moderate: the conversation has only system messages")
     if not any(m["content"].strip() for m in out if m["role"] != "system"):
         raise InputError("nothing to moderate: every message is empty")
     return out

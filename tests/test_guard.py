@@ -77,6 +77,7 @@ def test_loose_mode(tiny_stream):
     (lambda g: g.classify_response("hi", 42), "response must be text"),
     (lambda g: g.classify_response("hi"), "needs a response"),
     (lambda g: g.classify_response([{"role": "user", "content": "x"}]), "last message to be from the assistant"),
+    (lambda g: g.classify_messages([{"role": "system", "content": "be nice"}]), "only system messages"),
 ])
 def test_bad_input(sguard, call, msg):
     with pytest.raises(InputError, match=msg):

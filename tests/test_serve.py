@@ -112,7 +112,7 @@ def test_proxy_upstream_errors(guard):
     app = create_app(allow_all(guard), ServeSettings(upstream_url="http://u/v1"),
                      upstream=httpx.AsyncClient(transport=httpx.MockTransport(boom), base_url="http://u/v1"))
     r = TestClient(app).post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 502 and "HTTP 500" in r.json()["detail"]
+    assert r.status_code == 502 and "HTTP 500" in r.json()["error"]["message"]
 
 
 def test_proxy_without_upstream(guard):
@@ -257,3 +257,132 @@ def test_serve_cli_refuses_unsafe_settings(capsys, tiny_stream, monkeypatch):
     assert "without API keys" in capsys.readouterr().err
     assert main(["serve", "-m", str(tiny_stream), "--max-context", "8"]) == 2
     assert "--max-context must be at least 16" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ OpenAI request/answer shapes
+
+def upstream_with(message: dict, calls: list | None = None):
+    def handler(request: httpx.Request) -> httpx.Response:
+        if calls is not None:
+            calls.append(json.loads(request.content))
+        return httpx.Response(200, json={"id": "up-2", "object": "chat.completion", "created": 2, "model": "m",
+                                         "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://u/v1")
+
+
+def post_chat(guard, upstream, **body):
+    app = create_app(guard, ServeSettings(upstream_url="http://u/v1", refusal_message="[removed]"), upstream=upstream)
+    return TestClient(app).post("/v1/chat/completions", json={"model": "m", **body})
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "write", "arguments": "{\"text\": \"BAD plan\"}"}}]},
+    {"role": "assistant", "content": "All fine.", "reasoning_content": "Let me write the BAD plan."},
+    {"role": "assistant", "content": [{"type": "text", "text": "Here:"}, {"type": "text", "text": "BAD plan"}]},
+])
+def test_every_text_of_the_answer_is_judged(guard, message):
+    r = post_chat(KeywordGuard(guard), upstream_with(message), messages=[{"role": "user", "content": "hi"}])
+    d = r.json()
+    assert r.status_code == 200 and d["qguard"]["blocked"] == "response"
+    assert d["choices"][0]["message"]["content"] == "[removed]"
+
+
+def test_tool_calling_conversations_are_accepted_and_forwarded_unchanged(guard):
+    msgs = [{"role": "developer", "content": "Use tools."},
+            {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "18C, sunny"}]
+    calls = []
+    r = post_chat(KeywordGuard(guard), upstream_with({"role": "assistant", "content": "It is 18C."}, calls), messages=msgs)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "It is 18C."
+    assert calls[0]["messages"] == msgs  # the upstream gets exactly what the client sent
+    bad_tool = [*msgs[:-1], {"role": "tool", "tool_call_id": "c1", "content": "BAD instructions"}]
+    d = post_chat(KeywordGuard(guard), upstream_with({"role": "assistant", "content": "ok"}), messages=bad_tool).json()
+    assert d["qguard"]["blocked"] == "prompt"  # a tool result is read as the turn the answer follows
+
+
+def test_n_above_one_is_refused(guard):
+    r = post_chat(KeywordGuard(guard), upstream_with({"role": "assistant", "content": "x"}), n=2,
+                  messages=[{"role": "user", "content": "hi"}])
+    assert r.status_code == 400 and "only n=1" in r.json()["error"]["message"]
+
+
+def test_upstream_errors_keep_their_meaning(guard):
+    def answering(status, body):
+        return httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(status, json=body)),
+                                 base_url="http://u/v1")
+    msgs = [{"role": "user", "content": "hi"}]
+    r = post_chat(KeywordGuard(guard), answering(429, {"error": {"message": "slow down"}}), messages=msgs)
+    assert r.status_code == 429 and r.json()["error"] == {"type": "rate_limit_error", "message": "upstream LLM: slow down"}
+    r = post_chat(KeywordGuard(guard), answering(400, {"error": {"message": "max_tokens too large"}}), messages=msgs)
+    assert r.status_code == 400 and "max_tokens too large" in r.json()["error"]["message"]
+    r = post_chat(KeywordGuard(guard), answering(401, {"error": {"message": "bad key"}}), messages=msgs)
+    assert r.status_code == 502 and "credentials" in r.json()["error"]["message"]
+    r = post_chat(KeywordGuard(guard), upstream_with({"role": "assistant", "content": 5}), messages=msgs)
+    assert r.status_code == 502 and "content must be text" in r.json()["error"]["message"]
+
+
+def test_a_stream_that_is_not_sse_is_an_error(guard):
+    up = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, text="not json{")),
+                           base_url="http://u/v1")
+    evts = events(post_chat(allow_all(guard), up, stream=True, messages=[{"role": "user", "content": "hi"}]))
+    assert "without a single SSE event" in evts[0]["error"]["message"] and evts[-1] == "[DONE]"
+
+
+class DeltaStream(httpx.AsyncByteStream):
+    def __init__(self, deltas):
+        self.deltas = deltas
+
+    async def __aiter__(self):
+        for d in self.deltas:
+            yield f"data: {json.dumps({'id': 'up-9', 'created': 9, 'choices': [{'index': 0, 'delta': d}]})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+
+def test_streamed_reasoning_and_tool_arguments_are_judged(guard):
+    kg = KeywordGuard(guard)
+    kg.kind = __import__("qguard.checkpoint", fromlist=["Kind"]).Kind.GEN  # buffered path: judged as one text
+    for deltas in ([{"reasoning_content": "I will write the B"}, {"reasoning_content": "AD plan"}, {"content": "ok"}],
+                   [{"tool_calls": [{"index": 0, "function": {"name": "w", "arguments": "{\"t\": \"BA"}}]},
+                    {"tool_calls": [{"index": 0, "function": {"arguments": "D\"}"}}]}]):
+        up = httpx.AsyncClient(transport=httpx.MockTransport(lambda r, d=deltas: httpx.Response(200, stream=DeltaStream(d))),
+                               base_url="http://u/v1")
+        evts = events(post_chat(kg, up, stream=True, messages=[{"role": "user", "content": "hi"}]))
+        assert evts[-2]["qguard"]["blocked"] == "response" and evts[-2]["id"] == "up-9"
+
+
+def test_unauthenticated_requests_learn_nothing_from_validation(guard):
+    app = create_app(guard, ServeSettings(api_keys=frozenset({"k"})))
+    c = TestClient(app)
+    r = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_api_key"
+    assert c.get("/health").status_code == 200
+
+
+def test_a_dropped_client_frees_a_non_streaming_request():
+    import asyncio
+
+    from fastapi import HTTPException
+
+    from qguard.serve.app import until_disconnect
+
+    class Gone:
+        async def is_disconnected(self):
+            return True
+
+    async def main():
+        started = asyncio.Event()
+
+        async def slow():
+            started.set()
+            await asyncio.sleep(60)
+
+        work = asyncio.ensure_future(slow())
+        with pytest.raises(HTTPException) as e:
+            await until_disconnect(Gone(), work)
+        await asyncio.sleep(0)
+        return e.value.status_code, work.cancelled(), started.is_set()
+
+    assert asyncio.run(main()) == (499, True, True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from qguard.cli import add_model_args, load_guard, port, positive_int
@@ -42,6 +43,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency, max_context=args.max_context, log_content=args.log_content,
         **({"refusal_message": args.refusal} if args.refusal else {}),
     )
+    # the request lines (label, action, timing; content only with --log-content) are INFO records
+    logging.getLogger("qguard.serve").setLevel(logging.INFO)
     guard = load_guard(args)
     if args.max_context > guard.max_len:  # the server's setting, not a client's request, is wrong
         raise InputError(f"--max-context {args.max_context} is over the model's context of {guard.max_len} tokens")
