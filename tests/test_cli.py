@@ -174,3 +174,11 @@ def test_label_rollouts_never_clobbers_its_input_or_output(capsys, tiny_gen, tmp
 def test_serve_refuses_a_max_context_over_the_models(capsys, tiny_stream):
     code, _, err = run(capsys, "serve", "-m", str(tiny_stream), "--max-context", "100000")
     assert code == 2 and "over the model's context" in err
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"qguard {version('qguard')}"

@@ -10,7 +10,7 @@ from qguard.cli import add_model_args, calibration_arg, model_name, positive_int
 
 
 def register(sub) -> None:
-    p = sub.add_parser("annotate", help="add a `guard` object to every row of a JSONL/CSV/Parquet file "
+    p = sub.add_parser("annotate", help="add a `guard` object to every row of a JSONL/JSON/CSV/Parquet file "
                                         "(resumable: re-run the same command to continue)")
     add_model_args(p)
     p.add_argument("input", help="input file (.jsonl, .json: an array or JSON Lines, .csv or .parquet)")
