@@ -10,6 +10,9 @@ import enum
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,7 +142,7 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, rename=lambda n: n, tied: 
     params = dict(module.state_dict())
     tied = tied or {}
     seen: set[str] = set()
-    unexpected, mismatched = [], []
+    unexpected, mismatched, nonfinite = [], [], []
     for f in ckpt.tensor_files():
         try:
             with safe_open(str(f), framework="pt") as st:
@@ -153,6 +156,9 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, rename=lambda n: n, tied: 
                         unexpected.append(official)
                         continue
                     t = st.get_tensor(official)
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        nonfinite.append(official)
+                        continue
                     if tuple(t.shape) != tuple(params[name].shape):
                         mismatched.append(f"{official}: checkpoint {tuple(t.shape)} vs model {tuple(params[name].shape)}")
                         continue
@@ -170,6 +176,9 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, rename=lambda n: n, tied: 
         if name in tied and tied[name] in seen:
             continue
         missing.append(name)
+    if nonfinite:  # a diverged training run: such a model answers NaN, which must never read as Safe
+        raise CheckpointError(f"{ckpt.path}: tensors with NaN or infinite values: {nonfinite[:10]}"
+                              f"{' ...' if len(nonfinite) > 10 else ''}")
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -179,6 +188,41 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, rename=lambda n: n, tied: 
         if mismatched:
             parts.append(f"shape mismatches: {mismatched}")
         raise CheckpointError(f"{ckpt.path}: checkpoint does not match the model config; " + "; ".join(parts))
+
+
+def check_checkpoint_out(out: str | os.PathLike) -> Path:
+    """`out` can receive a checkpoint: new, empty, or a checkpoint folder (replaced whole on save)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CheckpointError(f"{out} holds files but no checkpoint (no config.json); give a new or empty folder")
+    return out
+
+
+@contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A folder to write a whole checkpoint into, renamed onto `out` when the block ends without error.
+
+    An interrupted or failed save leaves `out` as it was (no new config beside old weights, no half
+    tokenizer file), and nothing of an older model in `out` (its calibration, card, summary) stays with
+    the new one. An existing `out` must be a checkpoint folder or empty: other files are not ours to delete.
+    """
+    out = check_checkpoint_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.saving-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int | None = None) -> None:

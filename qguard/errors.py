@@ -17,5 +17,9 @@ class LabelError(QGuardError):
     """A label string (from a config or a model's answer) is not in the Qwen3Guard taxonomy."""
 
 
+class TrainingError(QGuardError):
+    """A training run cannot go on (e.g. its loss became NaN); nothing of it was saved."""
+
+
 class CapacityError(QGuardError):
     """An engine is full (sessions, context or memory); retry later or raise the limit."""

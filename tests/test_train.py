@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qguard.cli import main
-from qguard.errors import InputError, LabelError
+from qguard.errors import CheckpointError, InputError, LabelError
 from qguard.guard import Guard
 from qguard.model.stream import StreamOutput
 from qguard.policy import Category, Severity
@@ -554,3 +554,95 @@ def test_every_upsampled_source_exists_in_the_train_data():
         pytest.skip(f"needs the public train data at {SHARED_TRAIN} (../shared/data/train; CI has it)")
     present = {r.source for rows in load_sources([str(SHARED_TRAIN)]).values() for r in rows}
     assert set(UPSAMPLE) <= present, sorted(set(UPSAMPLE) - present)
+
+
+# ------------------------------------------------------------------------------ saving and run safety
+
+TINY_ARCH = json.dumps({k: TINY[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "head_dim",
+                                              "guard_inner_size")})
+
+
+def test_an_interrupted_save_leaves_the_old_checkpoint_and_a_new_one_leaves_nothing_stale(tmp_path, monkeypatch):
+    import qguard.testing
+    from qguard.train.stream import fresh_model, save_stream
+
+    out = tmp_path / "ckpt"
+    save_stream(fresh_model(dict(TINY), 0), out, tokenizer_files=False)
+    (out / "qguard_calibration.json").write_text("{}")  # a file fitted for this model only
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(qguard.testing, "copy_tokenizer", killed)  # dies after the config and the weights
+    with pytest.raises(KeyboardInterrupt):
+        save_stream(fresh_model(dict(TINY, hidden_size=64), 1), out, tokenizer_files=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no half-written folder left either
+    monkeypatch.undo()
+    save_stream(fresh_model(dict(TINY, hidden_size=64), 1), out, tokenizer_files=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # the old calibration went
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 64
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("my notes")
+    with pytest.raises(CheckpointError, match="holds files but no checkpoint"):
+        save_stream(fresh_model(dict(TINY), 0), other, tokenizer_files=False)
+    assert (other / "notes.txt").read_text() == "my notes"
+
+
+def test_a_diverged_run_stops_without_saving_and_nan_weights_never_load(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", _fixture_rows())
+    out = tmp_path / "nan"
+    rc = main(["train", "stream", "--data", str(data), "--out", str(out), "--max-steps", "30", "--lr", "1e9",
+               "--batch-tokens", "2048", "--arch", TINY_ARCH, "--no-tokenizer-files"])
+    assert rc == 2 and "non-finite" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    from safetensors.torch import load_file, save_file
+
+    from qguard.train.stream import fresh_model, save_stream
+
+    save_stream(fresh_model(dict(TINY), 0), out, tokenizer_files=False)
+    sd = load_file(str(out / "model.safetensors"))
+    sd["model.norm.weight"][0] = float("nan")
+    save_file(sd, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="NaN or infinite values: \\['model.norm.weight'\\]"):
+        Guard.from_pretrained(out)
+
+
+def test_train_stream_cli_checks_its_options_before_the_data(tmp_path, tiny_gen, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", _fixture_rows())
+    out = str(tmp_path / "o")
+    for argv, msg in [
+        (["--init", str(tiny_gen)], "is a gen checkpoint; train stream needs a Stream one"),
+        (["--arch", '{"hiden_size": 64}'], "unknown keys ['hiden_size']"),
+        (["--arch", '{"vocab_size": 1000}'], "smaller than the tokenizer's"),
+        (["--controversial-max-fraction", "2"], "must be in (0, 1]"),
+    ]:
+        assert main(["train", "stream", "--data", str(data), "--out", out, "--max-steps", "1", *argv]) == 2
+        assert msg in capsys.readouterr().err, argv
+    string_cats = write_jsonl(tmp_path / "s.jsonl", [{"task": "prompt", "label": "Unsafe", "categories": "Violent",
+                                                      "messages": [{"role": "user", "content": "x"}]}])
+    assert main(["train", "stream", "--data", str(string_cats), "--out", out]) == 2
+    assert "categories must be a list of names, got str" in capsys.readouterr().err
+
+
+def test_train_stream_gives_comments_without_a_user_turn_one(tmp_path):
+    rows = _fixture_rows() + [{"id": "c1", "task": "response", "label": "Unsafe", "categories": [],
+                               "messages": [{"role": "assistant", "content": "you are all idiots"}],
+                               "unsafe_span": [12, 18]}]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    rc = main(["train", "stream", "--data", str(data), "--out", str(tmp_path / "o"), "--max-steps", "2",
+               "--batch-tokens", "2048", "--arch", TINY_ARCH, "--no-tokenizer-files"])
+    assert rc == 0 and (tmp_path / "o" / "config.json").is_file()
+
+
+def test_a_folder_with_other_files_is_refused_before_training(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", _fixture_rows())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for argv in (["stream", "--arch", TINY_ARCH], ["starter", "--minutes", "0.01"]):
+        assert main(["train", *argv, "--data", str(data), "--out", str(mine)]) == 2
+        assert "holds files but no checkpoint" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"

@@ -73,6 +73,18 @@ def output_file(path: str | os.PathLike, what: str) -> Path:
     return out
 
 
+def checkpoint_dir(path: str | os.PathLike, what: str) -> Path:
+    """`path` as where a training run saves its checkpoint, checked now (not after the run): new, empty,
+    or a checkpoint folder, which the save replaces whole."""
+    from qguard.checkpoint import check_checkpoint_out
+
+    try:
+        check_checkpoint_out(path)
+    except QGuardError as e:
+        raise QGuardError(f"{what}: {e}") from None
+    return output_dir(path, what)
+
+
 def output_dir(path: str | os.PathLike, what: str) -> Path:
     """`path` as an output folder, created now (see `output_file`)."""
     out = Path(path)

@@ -62,8 +62,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     cal.save(out)
     print(json.dumps({"out": str(out), "temperature": cal.temperature, **{
         k: v for k, v in cal.report.items() if k.endswith(("_holdout", "_skipped")) or k == "kept"}}))
-    print(f"wrote {out}; qguard loads it with the model from that directory (or pass --calibration {out})",
-          file=sys.stderr)
+    if out.name == FILE_NAME and (out.parent / "config.json").is_file():
+        print(f"wrote {out}; qguard loads it with the model in that directory", file=sys.stderr)
+    else:
+        print(f"wrote {out}; pass --calibration {out} to use it", file=sys.stderr)
     return 0
 
 

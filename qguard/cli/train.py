@@ -13,8 +13,10 @@ import os
 import random
 from pathlib import Path
 
-from qguard.cli import device, output_dir, output_file, positive_float, positive_int
+from qguard.cli import checkpoint_dir, device, output_file, positive_float, positive_int
 from qguard.errors import InputError
+
+log = logging.getLogger("qguard.train")
 
 
 def register(sub) -> None:
@@ -45,7 +47,8 @@ def _stream_parser(tsub) -> None:
     p = tsub.add_parser("stream", help="train Qwen3Guard-Stream heads (and optionally the backbone)")
     _common(p)
     p.add_argument("--init", default=None, help="Stream checkpoint to start from (default: a fresh model, --arch)")
-    p.add_argument("--arch", default=None, help="JSON object overriding the fresh model's config (hidden_size, ...)")
+    p.add_argument("--arch", default=None,
+                   help="JSON object overriding the fresh model's config (hidden_size, ...); not with --init")
     p.add_argument("--backbone", default="full", choices=["full", "frozen", "lora"])
     p.add_argument("--lora-rank", type=positive_int, default=8)
     p.add_argument("--lr", type=positive_float, default=2e-3)
@@ -54,6 +57,9 @@ def _stream_parser(tsub) -> None:
                    help="add N benign-opening + unsafe-response splices (first unsafe token known)")
     p.add_argument("--controversial-minutes", type=float, default=0.0,
                    help="run the A/B strict/loose Controversial relabelling first, with this budget")
+    p.add_argument("--controversial-max-fraction", type=float, default=None,
+                   help="relabel at most this share of the rows, the largest strict/loose gaps first (default: every "
+                        "disagreement, as the report; small or briefly trained A/B models disagree often)")
     p.add_argument("--no-tokenizer-files", action="store_true", help="do not copy the Qwen3 tokenizer files")
     p.add_argument("--sparse-embedding", action="store_true",
                    help="lazy Adam on a sparse token-embedding gradient: faster CPU steps, not always a better model "
@@ -123,25 +129,45 @@ def _read(args: argparse.Namespace):
 
 
 def run_stream(args: argparse.Namespace) -> int:
+    from qguard.checkpoint import Kind, open_checkpoint
     from qguard.tokenizer import load_tokenizer
     from qguard.train import labeling
     from qguard.train.data import encode_rows
     from qguard.train.starter import add_token_label_rows
-    from qguard.train.stream import DEFAULT_ARCH, StreamTrainConfig, train_stream
+    from qguard.train.stream import StreamTrainConfig, train_stream
 
     _setup(args)
     if args.max_len < 8:
         raise InputError("--max-len must be at least 8 tokens (a chat template alone takes several)")
-    output_dir(args.out, "--out")  # a bad path fails now, not after the training
+    if args.init is not None:  # before reading data: the wrong kind of checkpoint fails at once
+        kind = open_checkpoint(args.init).kind
+        if kind is not Kind.STREAM:
+            raise InputError(f"--init {args.init} is a {kind.value} checkpoint; train stream needs a Stream one")
+        if args.arch is not None:
+            raise InputError("--arch shapes a fresh model; with --init the checkpoint's own config is used")
+    frac = args.controversial_max_fraction
+    if frac is not None and not 0 < frac <= 1:
+        raise InputError(f"--controversial-max-fraction must be in (0, 1], got {frac}")
+    checkpoint_dir(args.out, "--out")  # a bad path fails now, not after the training
     rows = _read(args)
     tok = load_tokenizer(args.init)
-    if args.splices:
-        rows = add_token_label_rows(rows, args.splices, random.Random(args.seed))
-    arch = dict(DEFAULT_ARCH, **_json_arg(args.arch, "--arch"))
+    arch = _arch(args.arch, len(tok))
+    n_rows = len(rows)
+    # comments without a user turn (toxic_spans) get one, as the Stream layout needs it; --splices adds
+    # benign-opening splices with a known first unsafe token
+    rows = add_token_label_rows(rows, args.splices, random.Random(args.seed))
+    n_splices = sum(r.id.endswith("+splice") for r in rows)
+    if len(rows) - n_splices < n_rows:
+        log.warning("%d response rows have no user turn and no dialogue prompt could be lent to them: dropped",
+                    n_rows - (len(rows) - n_splices))
+    if args.splices and not n_splices:
+        log.warning("--splices %d added none: splicing needs Safe responses (openings) and Unsafe responses",
+                    args.splices)
     if args.controversial_minutes > 0:
         trainer = labeling.StreamCrossTrainer(tok, max_len=min(args.max_len, 128), minutes=args.controversial_minutes / 4,
                                               lr=args.lr, arch=arch, batch_tokens=args.batch_tokens)
-        rows, stats = labeling.controversial_relabel(rows, trainer, seed=args.seed)
+        rows, stats = labeling.controversial_relabel(rows, trainer, labeling.ControversialConfig(max_fraction=frac),
+                                                     seed=args.seed)
         print(json.dumps({"controversial": stats}))
     cfg = StreamTrainConfig(
         out=Path(args.out), init=args.init, arch=arch, backbone=args.backbone, lora_rank=args.lora_rank,
@@ -161,7 +187,7 @@ def run_gen(args: argparse.Namespace) -> int:
     from qguard.train.gen import GenTrainConfig, encode_gen_row, train_gen
 
     _setup(args)
-    output_dir(args.out, "--out")
+    checkpoint_dir(args.out, "--out")
     rows = _read(args)
     tok = load_tokenizer(args.init)
     examples = [encode_gen_row(tok, r, args.max_content_chars) for r in rows]
@@ -184,6 +210,8 @@ def run_starter(args: argparse.Namespace) -> int:
                        epochs=args.epochs, scale=args.scale, dev_fraction=args.dev_fraction,
                        threads=args.threads, seed=args.seed)
     check_recipe(r)
+    if r.out is not None:
+        checkpoint_dir(r.out, "--out")  # checked before 40 minutes of training, not after
     print(json.dumps(train_starter(r), indent=2, default=str))
     return 0
 
@@ -239,6 +267,26 @@ def _row_json(r) -> dict:
     return {"id": r.id, "source": r.source, "task": r.task, "messages": list(r.messages), "label": r.label.value,
             "categories": [c.value for c in r.categories], "refusal": r.refusal, "lang": r.lang,
             **({"unsafe_span": list(r.unsafe_span)} if r.unsafe_span else {})}
+
+
+def _arch(raw: str | None, vocab: int) -> dict:
+    """The fresh model's config: DEFAULT_ARCH with the --arch overrides, checked (a misspelt key would be
+    ignored silently, a too-small vocabulary would fail deep in the first step)."""
+    from qguard.train.stream import DEFAULT_ARCH
+
+    over = _json_arg(raw, "--arch")
+    unknown = sorted(set(over) - set(DEFAULT_ARCH))
+    if unknown:
+        raise InputError(f"--arch: unknown keys {unknown}; known: {', '.join(DEFAULT_ARCH)}")
+    arch = dict(DEFAULT_ARCH, **over)
+    for k, v in arch.items():
+        if k not in ("rms_norm_eps", "rope_theta", "tie_word_embeddings") and not (isinstance(v, int) and v > 0):
+            raise InputError(f"--arch: {k} must be a positive integer, got {v!r}")
+    if arch["vocab_size"] < vocab:
+        raise InputError(f"--arch: vocab_size {arch['vocab_size']} is smaller than the tokenizer's {vocab} tokens")
+    if arch["num_attention_heads"] % arch["num_key_value_heads"]:
+        raise InputError("--arch: num_attention_heads must be a multiple of num_key_value_heads")
+    return arch
 
 
 def _json_arg(raw: str | None, what: str) -> dict:

@@ -78,6 +78,8 @@ def parse_row(row: Any, benchmark: str, where: str) -> Sample:
     want = "user" if task == "prompt" else "assistant"
     if messages[-1]["role"] != want:
         raise InputError(f"{where}: a {task} row must end with a {want} message")
+    if not isinstance(row.get("categories") or [], list):
+        raise InputError(f"{where}: categories must be a list of names, got {type(row['categories']).__name__}")
     try:
         cats = tuple(parse_category(c).value for c in row.get("categories") or [])
     except LabelError as e:

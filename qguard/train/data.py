@@ -73,6 +73,8 @@ def parse_row(obj: object, where: str) -> Row:
     want = "user" if task == "prompt" else "assistant"
     if msgs[-1]["role"] != want:
         raise InputError(f"{where}: a {task} row must end with a {want} message, not {msgs[-1]['role']}")
+    if not isinstance(obj.get("categories") or [], list):
+        raise InputError(f"{where}: categories must be a list of names, got {type(obj['categories']).__name__}")
     try:
         label = parse_severity(str(obj["label"]))
         cats = tuple(dict.fromkeys(parse_category(str(c)) for c in obj.get("categories") or ()))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qguard.checkpoint import build_gen_model, open_checkpoint, save_weights
+from qguard.checkpoint import build_gen_model, open_checkpoint, save_weights, staged_dir
 from qguard.errors import InputError
 from qguard.model.gen import GenGuardModel, render_guard_prompt
 from qguard.policy import Severity
@@ -125,7 +125,7 @@ def collate_gen(examples: Sequence[GenExample], device) -> tuple[torch.Tensor, t
 
 def train_gen(cfg: GenTrainConfig, examples: Sequence[GenExample], ctx: D.DistContext | None = None) -> dict[str, Any]:
     """SFT on encoded examples; returns the loss history and writes the checkpoint (rank 0) if cfg.out."""
-    from qguard.train.stream import Schedule, _out_of_time, make_batches
+    from qguard.train.stream import Schedule, _out_of_time, check_finite, make_batches
 
     if not examples:
         raise InputError("no training examples")
@@ -148,6 +148,7 @@ def train_gen(cfg: GenTrainConfig, examples: Sequence[GenExample], ctx: D.DistCo
             step += 1
             sched.step(step)
             history.append(ctx.mean(float(loss.detach())))
+            check_finite({"loss": history[-1]}, step)
             if ctx.is_main and step % cfg.log_every == 0:
                 log.info("gen step %d/%d loss %.4f", step, total, history[-1])
             if step >= total or _out_of_time(cfg, t0):  # type: ignore[arg-type]
@@ -180,11 +181,11 @@ def save_gen(model: GenGuardModel, out: Path, dtype: str = "bfloat16",
     """config.json + model.safetensors (no lm_head when tied) + tokenizer with the guard chat template."""
     from qguard.testing import copy_tokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(gen_config_dict(model, dtype), indent=2) + "\n", "utf-8")
     sd = state_dict if state_dict is not None else D.full_state_dict(model)
     tensors = {k: v.to(getattr(torch, dtype)) for k, v in sd.items()
                if not k.endswith("inv_freq") and not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-    save_weights(tensors, out)
-    copy_tokenizer(out, (ASSETS / "qwen3guard_gen_template.jinja").read_text("utf-8"))
+    with staged_dir(out) as tmp:  # all or nothing (qguard.checkpoint.staged_dir)
+        (tmp / "config.json").write_text(json.dumps(gen_config_dict(model, dtype), indent=2) + "\n", "utf-8")
+        save_weights(tensors, tmp)
+        copy_tokenizer(tmp, (ASSETS / "qwen3guard_gen_template.jinja").read_text("utf-8"))
     return out

@@ -26,7 +26,7 @@ from qguard.errors import InputError
 from qguard.model.stream import StreamGuardModel
 from qguard.tokenizer import ENDOFTEXT
 from qguard.train.optim import TrainOptimizer
-from qguard.train.stream import Schedule, make_batches
+from qguard.train.stream import Schedule, check_finite, make_batches
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,12 @@ def pretrain_backbone(model: StreamGuardModel, sequences: Sequence[Sequence[int]
             opt.zero_grad()
             step, seen = step + 1, seen + len(targets)
             sched.step(step)
-            if step % cfg.log_every == 0:
+            last = _done(cfg, step, t0)
+            if step % cfg.log_every == 0 or last:  # the last step too: the summary reports its loss
                 history.append({"step": step, "loss": round(float(loss.detach()), 4), "seconds": round(time.monotonic() - t0, 1)})
                 log.info("pretrain step %d loss %.3f (%.0fs)", step, history[-1]["loss"], time.monotonic() - t0)
-            if _done(cfg, step, t0):
+                check_finite({"lm": history[-1]["loss"]}, step)  # NaN weights stay NaN: a log step sees it
+            if last:
                 break
     opt.close()
     return PretrainResult(step, time.monotonic() - t0, seen, history)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qguard.checkpoint import build_stream_model, open_checkpoint, save_weights
-from qguard.errors import InputError
+from qguard.checkpoint import build_stream_model, open_checkpoint, save_weights, staged_dir
+from qguard.errors import InputError, TrainingError
 from qguard.model.qwen3 import Qwen3Config
 from qguard.model.stream import HEAD_TENSORS, StreamGuardModel, StreamHeadConfig, StreamOutput
 from qguard.policy import SEVERITIES, Severity, debounce
@@ -280,6 +280,7 @@ def train_stream(cfg: StreamTrainConfig, examples: Sequence[Example], ctx: D.Dis
         for idx in batches:
             losses = _step(model, opt, collate([examples[i] for i in idx], ctx.device), weights)
             step += 1
+            check_finite(losses, step)
             sched.step(step)
             last = step >= total or _out_of_time(cfg, t0)
             if step % cfg.log_every == 0 or last:
@@ -321,6 +322,14 @@ def _step(model, opt: TrainOptimizer, batch: Batch, weights: LossWeights) -> dic
     opt.step()
     opt.zero_grad()
     return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def check_finite(losses: dict[str, float], step: int) -> None:
+    """Stop a diverged run before it can save: a NaN model answers NaN, which reads as Safe."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if bad:
+        raise TrainingError(f"the loss became non-finite at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+                            "nothing was saved. Lower --lr (or check the data) and run again")
 
 
 def _out_of_time(cfg: StreamTrainConfig, t0: float) -> bool:
@@ -409,10 +418,10 @@ def save_stream(model: StreamGuardModel, out: Path, dtype: str = "bfloat16", tok
     """Write config.json + model.safetensors (+ the Qwen3 tokenizer files) in the official format."""
     from qguard.testing import copy_tokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
     cfg = stream_config_dict(model, dtype) | (extra or {})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", "utf-8")
-    save_weights(tensors if tensors is not None else official_tensors(model, getattr(torch, dtype)), out)
-    if tokenizer_files:
-        copy_tokenizer(out)
+    with staged_dir(out) as tmp:  # all or nothing, see staged_dir
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", "utf-8")
+        save_weights(tensors if tensors is not None else official_tensors(model, getattr(torch, dtype)), tmp)
+        if tokenizer_files:
+            copy_tokenizer(tmp)
     return out
