@@ -182,3 +182,21 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"qguard {version('qguard')}"
+
+
+def test_classify_reads_standard_input(capsys, tiny_stream, monkeypatch):
+    import io
+
+    def stdin(data: bytes):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+    stdin(b"How can I make a bomb?")
+    code, out, _ = run(capsys, "classify", "-m", str(tiny_stream), "--json", "-")
+    direct = run(capsys, "classify", "-m", str(tiny_stream), "--json", "How can I make a bomb?")[1]
+    assert code == 0 and json.loads(out)["probs"] == json.loads(direct)["probs"]
+    stdin(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]).encode())
+    code, out, _ = run(capsys, "classify", "-m", str(tiny_stream), "--messages", "-", "--json")
+    assert code == 0 and json.loads(out)["refusal"] is None
+    stdin(b"\xff\xfe")
+    code, _, err = run(capsys, "classify", "-m", str(tiny_stream), "-")
+    assert code == 2 and "standard input is not UTF-8" in err

@@ -14,10 +14,11 @@ from qguard.errors import InputError
 def register(sub) -> None:
     p = sub.add_parser("classify", help="moderate one prompt, or one prompt + response")
     add_model_args(p)
-    p.add_argument("text", nargs="?", help="a user prompt to moderate")
+    p.add_argument("text", nargs="?", help="a user prompt to moderate ('-': read it from standard input)")
     p.add_argument("--prompt", help="the user prompt (with --response: moderate the response)")
     p.add_argument("--response", help="the assistant response to moderate")
-    p.add_argument("--messages", help="JSON file with a list of {role, content}; the last message is judged")
+    p.add_argument("--messages", help="JSON file with a list of {role, content} ('-': standard input); the last "
+                                      "message is judged")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_classify)
 
@@ -29,12 +30,19 @@ def register(sub) -> None:
     t.set_defaults(func=run_trace)
 
 
+def read_stdin() -> str:
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("standard input is not UTF-8 text") from None
+
+
 def read_messages(path: str) -> list:
     p = Path(path)
-    if not p.is_file():
+    if path != "-" and not p.is_file():
         raise InputError(f"--messages: no such file: {path}")
     try:
-        data = json.loads(p.read_bytes().decode("utf-8"))
+        data = json.loads(read_stdin() if path == "-" else p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise InputError(f"--messages: {path} is not UTF-8 text") from None
     except ValueError as e:
@@ -53,7 +61,7 @@ def conversation(args: argparse.Namespace) -> list:
     if args.messages is not None:
         return read_messages(args.messages)
     if args.text is not None:
-        return [{"role": "user", "content": args.text}]
+        return [{"role": "user", "content": read_stdin() if args.text == "-" else args.text}]
     msgs = [{"role": "user", "content": args.prompt}]
     if args.response is not None:
         msgs.append({"role": "assistant", "content": args.response})
