@@ -124,11 +124,11 @@ def read_rows(path: Path, skip: int = 0) -> Iterator[tuple[Any, str | None]]:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
     with path.open("rb") as f:
-        for line in f:
+        for n, line in enumerate(f):
             if not line.strip():
                 continue  # blank lines are not rows (count_rows skips them too)
             try:
-                yield json.loads(line.decode("utf-8")), None
+                yield json.loads(line.decode("utf-8-sig" if n == 0 else "utf-8")), None  # a BOM may open the file
             except UnicodeDecodeError:
                 yield None, "line is not UTF-8"
             except ValueError as e:
@@ -168,7 +168,7 @@ def _json_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
 
 def _csv_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
     csv.field_size_limit(sys.maxsize)
-    with path.open(newline="", encoding="utf-8", errors="strict") as f:
+    with path.open(newline="", encoding="utf-8-sig", errors="strict") as f:  # Excel writes a BOM
         try:
             for row in csv.DictReader(f):
                 yield row, None

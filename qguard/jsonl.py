@@ -27,7 +27,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
                 continue
             where = f"{p}:{n}"
             try:
-                yield where, json.loads(raw.decode("utf-8"))
+                yield where, json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))  # a BOM may open the file
             except UnicodeDecodeError:
                 raise InputError(f"{where}: not UTF-8 text") from None
             except ValueError as e:

@@ -229,3 +229,17 @@ def test_an_unreadable_input_leaves_no_partial_file(guard, tmp_path):
     assert not partial_path(out).exists()
     bad.write_text("prompt\nhello\n", "utf-8")  # fixed: the same command now just runs
     assert annotate(guard, bad, out, fields=FieldMap(prompt_field="prompt"), progress=False).rows == 1
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(guard, tmp_path):
+    items = rows(3, seed=6)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in items).encode())
+    assert annotate(guard, jsonl, tmp_path / "o1.jsonl", progress=False).errors == 0
+    csv_in = tmp_path / "bom.csv"
+    with csv_in.open("w", newline="", encoding="utf-8-sig") as f:  # what Excel's "CSV UTF-8" writes
+        w = csv.writer(f)
+        w.writerow(["prompt"])
+        w.writerows([["hello"], ["how are you"]])
+    s = annotate(guard, csv_in, tmp_path / "o2.jsonl", fields=FieldMap(prompt_field="prompt"), progress=False)
+    assert (s.rows, s.errors) == (2, 0)

@@ -175,3 +175,25 @@ def test_latency_of_a_response_with_reasoning_is_counted_in_answer_tokens(tiny_s
     for pos, want in ((n_reasoning + first, "Hit"), (n_reasoning - 1, "Ahead"), (n_reasoning + first - 1, "Ahead")):
         v = Policy().verdict(Severity.UNSAFE, (), unsafe_position=pos)
         assert _latency(guard, sample, v, True)["bin"] == want, pos
+
+
+def test_eval_report_tells_runs_and_metrics_apart(stream_run):
+    import copy
+
+    from qguard.eval.report import load_results, render_report
+
+    out, _, _ = stream_run
+    a = load_results(out)
+    b = copy.deepcopy(a)
+    b["_source"] = "other-run"
+    name = next(n for n, x in b["benchmarks"].items() if x["headline"] and x["headline"]["kind"] == "f1"
+                and x["role"] != "refusal")
+    b["benchmarks"][name]["headline"] = {**b["benchmarks"][name]["headline"], "kind": "specificity", "best": 100.0}
+    text = render_report([a, b])
+    column = b["benchmarks"][name]["column"]
+    header = next(line for line in text.splitlines() if line.startswith("| Model") and f" {column} " in line)
+    assert f"{column} (Spec)" not in header  # the runs disagree: the cells carry the mark
+    assert "100.0 (Spec)" in text and " (F1) |" in text
+    assert f"[{out}]" in text and "[other-run]" in text  # same model twice: rows named by run
+    cal = [line for line in text.splitlines() if line.startswith("| ") and line.count("|") == 6 and "0." in line]
+    assert any(len(cell.strip().split(".")[-1]) == 3 for line in cal for cell in line.split("|")[3:4])

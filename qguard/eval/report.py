@@ -56,22 +56,36 @@ def load_results(path: Path) -> dict[str, Any]:
         raise InputError(f"{f}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or "benchmarks" not in data or "suites" not in data:
         raise InputError(f"{f}: not a qguard eval results.json")
+    data["_source"] = str(path)  # tells apart runs of the same model in a comparison (not written back)
     return data
+
+
+def run_names(results: Sequence[dict]) -> list[str]:
+    """Row labels: the model, and the run's folder when several runs share a model."""
+    names = [str(r.get("model", "?")) for r in results]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{n} [{r.get('_source') or i + 1}]" for i, (n, r) in enumerate(zip(names, results))]
 
 
 # ------------------------------------------------------------------------------------- markdown
 
-def _fmt(v: Any) -> str:
-    return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+def _fmt(v: Any, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 1) -> list[str]:
     # numbers right-aligned, text left-aligned, judged by the first row
     first = rows[0] if rows else [0] * len(header)
-    align = ["---:" if isinstance(c, (int, float)) or c is None else "---" for c in first]
+    align = ["---:" if isinstance(c, (int, float)) or c is None or _is_marked(c) else "---" for c in first]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_fmt(c, digits) for c in row) + " |" for row in rows]
     return lines + [""]
+
+
+def _is_marked(c: Any) -> bool:
+    """A number with its metric mark, e.g. "100.0 (Spec)" (see _cell)."""
+    return isinstance(c, str) and c.split(" ")[0].replace(".", "", 1).isdigit()
 
 
 def _suite_columns(results: Sequence[dict], suite: str) -> tuple[list[str], list[str]]:
@@ -87,33 +101,43 @@ def _suite_columns(results: Sequence[dict], suite: str) -> tuple[list[str], list
     return avg, extra
 
 
+def _kinds(results: Sequence[dict], name: str) -> set[str]:
+    return {(b["headline"] or {}).get("kind", "f1") for r in results if (b := r["benchmarks"].get(name))}
+
+
 def _column_title(results: Sequence[dict], name: str) -> str:
+    """The benchmark's column, with its metric mark when every run reports the same metric (a run with
+    fewer rows can have one class only, and so report recall or specificity instead of F1)."""
+    kinds = _kinds(results, name)
     for res in results:
         b = res["benchmarks"].get(name)
         if b:
-            kind = (b["headline"] or {}).get("kind", "f1")
-            return b["column"] + KIND_MARK.get(kind, "")
+            return b["column"] + (KIND_MARK.get(next(iter(kinds)), "") if len(kinds) == 1 else "")
     return name
 
 
-def _cell(res: dict, name: str) -> Any:
+def _cell(res: dict, name: str, mark: bool = False) -> Any:
     b = res["benchmarks"].get(name)
     if not b or not b["headline"]:
         return None
     if b["role"] == "refusal":
         return (b["refusal"] or {}).get("f1")
-    return b["headline"]["best"]
+    best = b["headline"]["best"]
+    if mark and best is not None:  # the runs disagree on the metric: each cell says its own
+        return f"{best:.1f}{KIND_MARK.get(b['headline'].get('kind', 'f1'), '') or ' (F1)'}"
+    return best
 
 
 def suite_summary(results: Sequence[dict], suite: str) -> list[str]:
     """Rows: models; columns: benchmarks (best mode), the average, then extras."""
     avg, extra = _suite_columns(results, suite)
     header = ["Model", *(_column_title(results, n) for n in avg), "Avg", *(_column_title(results, n) for n in extra)]
+    mixed = {n for n in (*avg, *extra) if len(_kinds(results, n)) > 1}
     rows = []
-    for res in results:
+    for name, res in zip(run_names(results), results):
         s = res["suites"].get(suite, {})
-        rows.append([res.get("model", "?"), *(_cell(res, n) for n in avg),
-                     (s.get("average") or {}).get("best"), *(_cell(res, n) for n in extra)])
+        rows.append([name, *(_cell(res, n, n in mixed) for n in avg),
+                     (s.get("average") or {}).get("best"), *(_cell(res, n, n in mixed) for n in extra)])
     return [f"### {SUITE_TITLES.get(suite, suite)}", ""] + _table(header, rows)
 
 
@@ -139,7 +163,7 @@ def refusal_table(res: dict) -> list[str]:
 def calibration_table(res: dict) -> list[str]:
     rows = [[n, c["n"], c["ece"], c["brier"], c["log_loss"]]
             for n, b in res["benchmarks"].items() if (c := b.get("calibration"))]
-    return _table(["Benchmark", "n", "ECE", "Brier", "Log-loss"], rows) if rows else []
+    return _table(["Benchmark", "n", "ECE", "Brier", "Log-loss"], rows, digits=3) if rows else []
 
 
 def latency_table(res: dict) -> list[str]:
@@ -183,16 +207,17 @@ def cost_table(res: dict) -> list[str]:
     return _table(["Benchmark", "Samples", "Wall s", "Input tokens", "Tokens/s", "Samples/s"], rows) if rows else []
 
 
-def _meta(res: dict) -> list[str]:
+def _meta(res: dict, name: str) -> list[str]:
     lim = f", at most {res['limit']} rows per benchmark" if res.get("limit") else ""
-    return [f"- **{res.get('model', '?')}** ({res.get('kind', '?')}, {res.get('device', '?')}): data "
+    return [f"- **{name}** ({res.get('kind', '?')}, {res.get('device', '?')}): data "
             f"`{res.get('data', '?')}`, suite `{res.get('suite', '?')}`{lim}, {res.get('created', '')}"]
 
 
 def render_report(results: Sequence[dict], pngs: Sequence[str] = ()) -> str:
     lines = ["# qguard evaluation", ""]
-    for res in results:
-        lines += _meta(res)
+    names = run_names(results)
+    for name, res in zip(names, results):
+        lines += _meta(res, name)
     lines += ["", "Cells are unsafe-class F1 (%) in the better of strict and loose mode, as in the tech report's "
               "tables; (R) marks unsafe recall on sets with one gold class or collection labels, (Spec) the "
               "share of an all-Safe set left Safe. Avg covers the columns before it. Strict reads Controversial "
@@ -200,8 +225,8 @@ def render_report(results: Sequence[dict], pngs: Sequence[str] = ()) -> str:
     suites = list(dict.fromkeys(s for res in results for s in res["suites"]))
     for suite in suites:
         lines += suite_summary(results, suite)
-    for res in results:
-        title = f" ({res.get('model')})" if len(results) > 1 else ""
+    for name, res in zip(names, results):
+        title = f" ({name})" if len(results) > 1 else ""
         lines += [f"## Per benchmark{title}", ""] + detail_table(res)
         for head, part in (("Refusal detection", refusal_table(res)),
                            ("Calibration of strict P(unsafe) (lower is better)", calibration_table(res)),
