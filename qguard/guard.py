@@ -28,7 +28,7 @@ from qguard.engine.scoring import TokenScores, argmax_label, probs_dict, score_s
 from qguard.errors import InputError
 from qguard.model.gen import GEN_MAX_NEW_TOKENS
 from qguard.policy import DebounceRule, Mode, Policy, Severity, Verdict, debounce, resolve_policy
-from qguard.tokenizer import Message, StreamLayout, check_messages, load_tokenizer, stream_layout
+from qguard.tokenizer import Message, StreamLayout, check_messages, check_turn, load_tokenizer, stream_layout
 
 if TYPE_CHECKING:
     from qguard.stream import StreamGuard, StreamSession
@@ -44,18 +44,6 @@ def as_prompt_messages(prompt: Conversation) -> list[Message]:
     msgs = check_messages(prompt)
     if msgs[-1]["role"] != "user":
         raise InputError("prompt moderation needs the last message to be from the user")
-    return msgs
-
-
-def check_turn(messages: Sequence[Message]) -> list[Message]:
-    """A valid chat whose last turn can be moderated: a non-empty user prompt or assistant response."""
-    msgs = check_messages(messages)
-    last = msgs[-1]
-    if last["role"] == "system":
-        raise InputError("the last message is a system turn: moderation reads the last user or assistant turn")
-    if not last["content"].strip():
-        what = "response" if last["role"] == "assistant" else "prompt"
-        raise InputError(f"empty {what}: the last message has no text to moderate")
     return msgs
 
 

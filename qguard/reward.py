@@ -43,6 +43,10 @@ class RewardConfig:
     refusal_penalty: float = -5.0  # eq. (2)
     penalize_refusal: str = "safe_prompts"  # eq. (2): "safe_prompts" (unnecessary refusals) or "always"
 
+    def __post_init__(self) -> None:
+        if self.penalize_refusal not in ("safe_prompts", "always"):
+            raise InputError(f"penalize_refusal must be 'safe_prompts' or 'always', got {self.penalize_refusal!r}")
+
 
 def is_unsafe(v: Verdict, mode: Mode) -> bool:
     return v.error is not None or Policy(mode=mode).binary(v.label) is Severity.UNSAFE

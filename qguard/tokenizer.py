@@ -110,6 +110,18 @@ def check_messages(messages: Sequence[Message]) -> list[Message]:
     return out
 
 
+def check_turn(messages: Sequence[Message]) -> list[Message]:
+    """A valid chat whose last turn can be moderated: a non-empty user prompt or assistant response."""
+    msgs = check_messages(messages)
+    last = msgs[-1]
+    if last["role"] == "system":
+        raise InputError("the last message is a system turn: moderation reads the last user or assistant turn")
+    if not last["content"].strip():
+        what = "response" if last["role"] == "assistant" else "prompt"
+        raise InputError(f"empty {what}: the last message has no text to moderate")
+    return msgs
+
+
 def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False,
                 enable_thinking: bool = False) -> str:
     """The conversation in the Qwen3 ChatML template (the checkpoint's own template when it has one)."""

@@ -285,6 +285,20 @@ def test_probabilities_match_full_forwards(trained):
             assert (r.refusal_prob is not None) == (r.target == "response")
 
 
+def test_response_category_probabilities_cover_only_response_categories(trained):
+    """Jailbreak is a prompt category: a response's category softmax must not lose mass to it."""
+    model, tok = trained
+    engine = GenEngine(model, tok, max_new_tokens=24)
+    convs = [c for c in conversations(40, seed=7) if c[-1]["role"] == "assistant"]
+    seen = 0
+    for r in engine.classify(convs):
+        if r.category_probs is not None:
+            seen += 1
+            assert "Jailbreak" not in r.category_probs
+            assert sum(r.category_probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert seen
+
+
 def test_too_long_conversation_is_an_input_error(trained):
     model, tok = trained
     engine = GenEngine(model, tok, max_new_tokens=8)

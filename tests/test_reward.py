@@ -130,3 +130,8 @@ def test_a_helpfulness_score_that_is_not_a_number_is_named():
     with pytest.raises(InputError, match="returned None for sample 0, not a number"):
         hybrid.score(["hi"], ["fine"])
     assert SafetyReward(AllSafe(), "hybrid", lambda ps, rs: [0.5] * len(rs)).score(["hi"], ["fine"]) == [0.5]
+
+
+def test_reward_config_names_a_bad_refusal_rule():
+    with pytest.raises(InputError, match="penalize_refusal must be"):
+        RewardConfig(penalize_refusal="never")

@@ -146,3 +146,20 @@ def test_vllm_backend_applies_the_gen_calibration_like_the_torch_engine(fake_vll
     assert checked
     with pytest.raises(InputError, match="fitted for a stream model"):
         VLLMGenBackend.from_pretrained(str(d), calibration=Calibration())
+
+
+def test_vllm_backend_takes_what_guard_takes_and_knows_the_engine_limits(fake_vllm, trained_dir):
+    from qguard.backends.vllm import VLLMGenBackend
+
+    backend = VLLMGenBackend.from_pretrained(str(trained_dir), max_new_tokens=8, logprobs=30)
+    assert FakeLLM.instances[-1].kw["max_logprobs"] == 30  # vLLM's default cap (20) would refuse every call
+    out = backend.classify_conversations([[{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}],
+                                          [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]],
+                                         return_errors=True)
+    assert "system turn" in str(out[0]) and "empty response" in str(out[1])
+    llm = FakeLLM(str(trained_dir))
+    llm.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=300))
+    short = VLLMGenBackend(llm, "m", max_new_tokens=8)
+    assert short.max_model_len == 300  # the engine's own limit, not a guess
+    with pytest.raises(InputError, match="exceeds the context of 300"):
+        short.prepare([{"role": "user", "content": "word " * 400}])

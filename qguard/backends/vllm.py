@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from qguard.calibration import Calibration, resolve
-from qguard.engine.gen import CATEGORIES_PREFIX, NO, REFUSAL_PREFIX, YES, _find, first_token_ids
+from qguard.engine.gen import (
+    CATEGORIES_PREFIX,
+    NO,
+    REFUSAL_PREFIX,
+    YES,
+    _find,
+    first_token_ids,
+    target_categories,
+)
 from qguard.errors import InputError, QGuardError
 from qguard.model.gen import (
     COLON,
@@ -42,8 +50,8 @@ from qguard.model.gen import (
     parse_answer,
     render_with_tokenizer,
 )
-from qguard.policy import Category, Mode, Policy, Verdict
-from qguard.tokenizer import ENDOFTEXT, IM_END, Message, check_messages, encode
+from qguard.policy import Mode, Policy, Verdict
+from qguard.tokenizer import ENDOFTEXT, IM_END, Message, check_turn, encode
 
 
 def _import_vllm():
@@ -58,7 +66,7 @@ class VLLMGenBackend:
     """`classify_conversations` for Gen checkpoints, run by vLLM."""
 
     def __init__(self, llm: Any, name: str, tokenizer: Any = None, policy: Policy | None = None,
-                 max_new_tokens: int = GEN_MAX_NEW_TOKENS, logprobs: int = 20, max_model_len: int = 32768,
+                 max_new_tokens: int = GEN_MAX_NEW_TOKENS, logprobs: int = 20, max_model_len: int | None = None,
                  calibration: Calibration | None = None):
         if calibration is not None and calibration.kind != "gen":
             raise InputError(f"this calibration was fitted for a {calibration.kind} model, not a gen model")
@@ -66,7 +74,10 @@ class VLLMGenBackend:
         self.temperature = calibration.temperature["prompt"] if calibration else 1.0
         self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
         self.policy = policy or Policy()
-        self.max_new_tokens, self.logprobs, self.max_model_len = max_new_tokens, logprobs, max_model_len
+        # the engine's own limit: a longer prompt would fail inside llm.generate, for the whole batch
+        engine_len = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
+        self.max_new_tokens, self.logprobs = max_new_tokens, logprobs
+        self.max_model_len = max_model_len or (engine_len if isinstance(engine_len, int) else 32768)
         self.cat_first = first_token_ids(self.tokenizer)
 
     @classmethod
@@ -79,9 +90,10 @@ class VLLMGenBackend:
         cal = resolve(Path(name), calibration)  # a hub id has no local file: None unless one is passed
         vllm = _import_vllm()
         llm_kwargs.setdefault("enable_prefix_caching", True)
+        llm_kwargs.setdefault("max_logprobs", max(20, logprobs))  # vLLM refuses more than this per request
         llm = vllm.LLM(model=name, **llm_kwargs)
         return cls(llm, name, policy=Policy(mode=Mode(mode)), max_new_tokens=max_new_tokens, logprobs=logprobs,
-                   max_model_len=llm_kwargs.get("max_model_len", 32768), calibration=cal)
+                   max_model_len=llm_kwargs.get("max_model_len"), calibration=cal)
 
     def sampling_params(self):
         vllm = _import_vllm()
@@ -89,7 +101,7 @@ class VLLMGenBackend:
                                    stop_token_ids=[IM_END, ENDOFTEXT])
 
     def prepare(self, messages: Sequence[Message]) -> tuple[list[int], str]:
-        messages = check_messages(messages)
+        messages = check_turn(messages)  # the same conversations as Guard takes (no empty or system-last turn)
         ids = encode(self.tokenizer, render_with_tokenizer(self.tokenizer, messages))
         if len(ids) + self.max_new_tokens > self.max_model_len:
             raise InputError(f"conversation is {len(ids)} tokens; with {self.max_new_tokens} answer tokens it "
@@ -127,9 +139,7 @@ class VLLMGenBackend:
         cat = ref = None
         at = _find(ids, CATEGORIES_PREFIX)
         if at is not None and at < len(lps):
-            cat = _softmax_over(lps[at], self.cat_first, self.temperature)
-            if target == "response" and cat is not None:
-                cat.pop(Category.JAILBREAK.value, None)
+            cat = _softmax_over(lps[at], target_categories(self.cat_first, target), self.temperature)
         at = _find(ids, REFUSAL_PREFIX)
         if target == "response" and at is not None and at < len(lps):
             yn = _softmax_over(lps[at], {"Yes": YES, "No": NO}, self.temperature)

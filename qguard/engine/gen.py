@@ -90,6 +90,12 @@ def first_token_ids(tokenizer) -> dict[str, int]:
     return ids
 
 
+def target_categories(first: dict[str, int], target: str) -> dict[str, int]:
+    """The category answers a target allows, for the softmax over them: a response cannot be Jailbreak
+    (spec section 1), so its probability mass is not handed to a label that cannot be given."""
+    return first if target == "prompt" else {k: t for k, t in first.items() if k != Category.JAILBREAK.value}
+
+
 def _find(seq: Sequence[int], pattern: Sequence[int]) -> int | None:
     """Index just after the first occurrence of `pattern` in `seq`."""
     n = len(pattern)
@@ -400,10 +406,9 @@ class GenEngine:
         """Category / refusal probabilities at the first position right after their prefixes."""
         g = r.gen
         if r.cat_probs is None and tuple(g[-2:]) == CATEGORIES_PREFIX and _find(g, CATEGORIES_PREFIX) == len(g):
-            c = torch.stack([logits[t] for t in self.cat_first.values()]).softmax(-1)
-            r.cat_probs = {k: float(p) for k, p in zip(self.cat_first, c)}
-            if r.req.target == "response":
-                r.cat_probs.pop(Category.JAILBREAK.value, None)
+            first = target_categories(self.cat_first, r.req.target)
+            c = torch.stack([logits[t] for t in first.values()]).softmax(-1)
+            r.cat_probs = {k: float(p) for k, p in zip(first, c)}
         if r.req.target == "response" and r.ref_prob is None and tuple(g[-3:]) == REFUSAL_PREFIX \
                 and _find(g, REFUSAL_PREFIX) == len(g):
             r.ref_prob = float(torch.stack([logits[YES], logits[NO]]).softmax(-1)[0])
