@@ -9,20 +9,27 @@ a fixed seeded sample, content capped at --max-content-tokens), or synthetic tex
 absent. Message content is never printed.
 - hf_b1: `Qwen3ForCausalLM.generate(do_sample=False)`, one conversation at a time (the official eval).
 - hf_batched: the same with left-padded batches of --batch-size in input order.
-- qguard: `GenEngine.classify` over all conversations (prefix cache, length buckets, draft verification).
+- qguard: `GenEngine.classify` over all conversations (prefix cache, length buckets, draft verification);
+  on CPU once per precision variant (--precisions): fp32 (the default qguard), bf16, int8 / int8-weight
+  decoder weights (`qguard.model.quant`) with fp32 or bf16 (`bf16+int8`) for the rest, all copies of the
+  same fp32 weights; batched HF `generate` also runs in bf16 on CPU.
 Every method decodes up to --max-new-tokens greedy tokens and stops at <|im_end|>/<|endoftext|>. Random
 weights never produce a well-formed answer, so all methods decode the full budget here: the qguard
 figure excludes its main decode saving on real checkpoints (a well-formed answer is verified in 2-3
 batched forwards instead of ~10-15 decode steps) and keeps the prefill savings (shared instruction
 header, no padding waste).
 Agreement: the fraction of conversations whose parsed result (severity, categories, refusal, or the
-parse error) equals hf_b1's; `token_agreement_with_generate` compares the raw answer tokens.
+parse error) equals hf_b1's; `token_agreement_with_generate` compares the raw answer tokens. Per variant
+also the largest difference of its severity probabilities to qguard fp32's (random weights: probability
+differences are what carries over; the fitted answers sit far from any decision boundary).
 The last line printed is a JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import os
 import platform
@@ -36,6 +43,7 @@ from transformers import Qwen3ForCausalLM
 
 from qguard.engine.gen import GenEngine
 from qguard.model.gen import GenGuardModel, parse_answer
+from qguard.model.quant import quantize_model
 from qguard.model.qwen3 import Qwen3Config
 from qguard.testing import gen_config
 from qguard.tokenizer import ENDOFTEXT, IM_END, encode, load_tokenizer
@@ -205,6 +213,24 @@ def machine(device: torch.device) -> str:
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+PRECISIONS = {  # variant -> (dtype of everything but the decoder projections, their quantization)
+    "fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
+    "int8-weight": (torch.float32, "int8-weight"), "bf16+int8": (torch.bfloat16, "int8"),
+    "bf16+int8-weight": (torch.bfloat16, "int8-weight"),
+}
+
+
+def variant(ours: GenGuardModel, name: str) -> GenGuardModel:
+    """A copy of the fp32 benchmark model in a precision variant (quantized from the fp32 weights)."""
+    dtype, scheme = PRECISIONS[name]
+    if dtype == torch.float32 and scheme is None:
+        return ours
+    m = copy.deepcopy(ours)
+    if scheme:
+        quantize_model(m, scheme)
+    return m.to(dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="0.6B", choices=["tiny", "0.6B"])
@@ -213,7 +239,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-content-tokens", type=int, default=128, help="cap on each message's tokens")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="GPU runs (CPU: --precisions)")
+    ap.add_argument("--precisions", nargs="+", default=None, choices=list(PRECISIONS),
+                    help="CPU: the qguard variants to time (default: all; fp32 first, the reference)")
+    ap.add_argument("--no-hf-b1", action="store_true", help="skip the (slow) batch-1 HF baseline")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--answers", default="formatted", choices=["formatted", "random"],
@@ -221,51 +250,96 @@ def main() -> None:
                          "random: untouched random weights (garbage answers, every method decodes the budget)")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
+    cpu = device.type == "cpu"
+    if cpu:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    n = args.n or (16 if args.preset == "0.6B" and device.type == "cpu" else 64)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if cpu else torch.bfloat16)
+    precisions = (args.precisions or list(PRECISIONS)) if cpu else ["gpu"]
+    if cpu and "fp32" not in precisions:
+        precisions = ["fp32", *precisions]
+    n = args.n or (16 if args.preset == "0.6B" and cpu else 64)
     t0 = time.perf_counter()
     tok = load_tokenizer(None)
-    ours, hf = build_models(args.preset, dtype, device, args.seed)
+    ours, hf = build_models(args.preset, torch.float32 if cpu else dtype, device, args.seed)
     engine = GenEngine(ours, tok, max_new_tokens=args.max_new_tokens, max_batch=args.batch_size)
     convs, source = load_conversations(tok, n, args.max_content_tokens, args.seed)
     reqs = [engine.prepare(c) for c in convs]
     prompts = [r.ids for r in reqs]
     if args.answers == "formatted":
         fit_answer_head(ours, hf, tok, reqs)
-        engine = GenEngine(ours, tok, max_new_tokens=args.max_new_tokens, max_batch=args.batch_size)
-    engine.classify(convs[:2])  # warm-up (and the per-header prefix caches, computed once per process)
-    run_hf_b1(hf, prompts[:1], 2, device)
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16) if cpu else None
+    run_hf_b1(hf, prompts[:1], 2, device)  # warm-up
 
-    ref, t_b1 = timed(lambda: run_hf_b1(hf, prompts, args.max_new_tokens, device))
+    ref, t_b1 = (None, None) if args.no_hf_b1 else timed(lambda: run_hf_b1(hf, prompts, args.max_new_tokens, device))
     bat, t_bat = timed(lambda: run_hf_batched(hf, prompts, args.max_new_tokens, args.batch_size, device))
-    res, t_q = timed(lambda: engine.run(reqs))
-    ours_ids = [r.token_ids for r in res]
-
+    bat16, t_bat16 = (timed(lambda: run_hf_batched(hf16, prompts, args.max_new_tokens, args.batch_size, device))
+                      if cpu else (None, None))
+    ref = ref if ref is not None else bat  # agreement baseline: batch-1 generate, else batched fp32
     targets = [r.target for r in reqs]
-    agree = sum(parsed(tok, a, t) == parsed(tok, b, t) for a, b, t in zip(ours_ids, ref, targets)) / n
-    agree_bat = sum(parsed(tok, a, t) == parsed(tok, b, t) for a, b, t in zip(bat, ref, targets)) / n
-    tok_agree = sum(a == b for a, b in zip(ours_ids, ref)) / n
+
+    def agree(ids: list[list[int]]) -> float:
+        return sum(parsed(tok, a, t) == parsed(tok, b, t) for a, b, t in zip(ids, ref, targets)) / n
+
+    runs = {}  # variant -> (seconds, results)
+    for prec in precisions:
+        m = variant(ours, prec) if cpu else ours
+        eng = GenEngine(m, tok, max_new_tokens=args.max_new_tokens, max_batch=args.batch_size)
+        eng.classify(convs[:2])  # warm-up (and the per-header prefix caches, computed once per engine)
+        res, t_q = timed(lambda eng=eng: eng.run(reqs))
+        runs[prec] = (t_q, res)
+        del m, eng
+        gc.collect()
+    base = runs[precisions[0]][1]
+
+    def sev_diff(res) -> float:
+        return max(abs(a.severity_probs[k] - b.severity_probs[k]) for a, b in zip(res, base) for k in a.severity_probs)
+
     lens = [len(p) for p in prompts]
-    print(f"Gen classification, preset {args.preset}, {device.type} ({machine(device)}), {str(dtype)[6:]}")
+    print(f"Gen classification, preset {args.preset}, {device.type} ({machine(device)}), "
+          f"{'float32 (reference; variants per row)' if cpu else str(dtype)[6:]}")
     print(f"{n} conversations from {source}: prompt tokens min {min(lens)} / mean {sum(lens) / n:.0f} / "
           f"max {max(lens)}, header shared by qguard: {reqs[0].prefix_len} (prompt) tokens; "
           f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}")
     answers = [parsed(tok, a, t) for a, t in zip(ref, targets)]
     print(f"answers ({args.answers}): {sum(a[0] != 'error' for a in answers)}/{n} well-formed, "
           f"severities {sorted({str(a[0].value) for a in answers if a[0] != 'error'})}")
-    print(f"{'method':<28}{'seconds':>10}{'class/s':>10}")
-    for name, t in (("HF generate, batch 1", t_b1), ("HF generate, batched", t_bat), ("qguard GenEngine", t_q)):
-        print(f"{name:<28}{t:>10.2f}{n / t:>10.2f}")
+    print(f"{'method':<34}{'seconds':>10}{'class/s':>10}{'x qg fp32':>11}{'x HF bat':>10}{'labels':>8}{'max|dp|':>9}")
+    rows = [("HF generate, batch 1" + (" fp32" if cpu else ""), t_b1, None, None),
+            ("HF generate, batched" + (" fp32" if cpu else ""), t_bat, agree(bat), None)]
+    if cpu:
+        rows.append(("HF generate, batched bf16", t_bat16, agree(bat16), None))
+    for prec in precisions:
+        t_q, res = runs[prec]
+        rows.append((f"qguard GenEngine{' ' + prec if cpu else ''}", t_q, agree([r.token_ids for r in res]),
+                     sev_diff(res)))
+    t_q32 = runs[precisions[0]][0]
+    for name, t, ag, d in rows:
+        if t is None:
+            continue
+        print(f"{name:<34}{t:>10.2f}{n / t:>10.2f}{t_q32 / t:>11.2f}{t_bat / t:>10.2f}"
+              f"{'' if ag is None else f'{100 * ag:.0f}%':>8}{'' if d is None else f'{d:.4f}':>9}")
+    res32 = runs[precisions[0]][1]
+    ours_ids = [r.token_ids for r in res32]
     print(json.dumps({
-        "preset": args.preset, "device": device.type, "machine": machine(device), "dtype": str(dtype)[6:],
-        "answers": args.answers, "n": n, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+        "preset": args.preset, "device": device.type, "machine": machine(device),
+        "dtype": "float32" if cpu else str(dtype)[6:], "answers": args.answers, "n": n,
+        "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
         "mean_prompt_tokens": round(sum(lens) / n, 1),
-        "hf_b1_per_s": round(n / t_b1, 3), "hf_batched_per_s": round(n / t_bat, 3), "qguard_per_s": round(n / t_q, 3),
-        "speedup_vs_hf_b1": round(t_b1 / t_q, 2), "speedup_vs_hf_batched": round(t_bat / t_q, 2),
-        "label_agreement_with_generate": agree, "token_agreement_with_generate": tok_agree,
-        "hf_batched_label_agreement_with_b1": agree_bat, "wall_s": round(time.perf_counter() - t0, 1),
+        "hf_b1_per_s": None if t_b1 is None else round(n / t_b1, 3), "hf_batched_per_s": round(n / t_bat, 3),
+        **({"hf_batched_bf16_per_s": round(n / t_bat16, 3)} if cpu else {}),
+        "qguard_per_s": round(n / t_q32, 3),
+        "speedup_vs_hf_b1": None if t_b1 is None else round(t_b1 / t_q32, 2),
+        "speedup_vs_hf_batched": round(t_bat / t_q32, 2),
+        "label_agreement_with_generate": agree(ours_ids),
+        "token_agreement_with_generate": sum(a == b for a, b in zip(ours_ids, ref)) / n,
+        "hf_batched_label_agreement_with_b1": agree(bat),
+        "variants": {prec: {"per_s": round(n / t, 3), "speedup_vs_qguard_fp32": round(t_q32 / t, 2),
+                            "speedup_vs_hf_batched": round(t_bat / t, 2),
+                            **({"speedup_vs_hf_batched_bf16": round(t_bat16 / t, 2)} if cpu else {}),
+                            "label_agreement_with_generate": agree([r.token_ids for r in res]),
+                            "severity_prob_max_diff_vs_fp32": round(sev_diff(res), 6)}
+                     for prec, (t, res) in runs.items()} if cpu else None,
+        "wall_s": round(time.perf_counter() - t0, 1),
     }))
 
 

@@ -6,7 +6,13 @@ same command after a crash or a hard kill reads the partial file, drops a torn l
 continues at the first row without a result; the final OUTPUT (JSONL, a JSON array for `.json`, CSV
 or Parquet, by extension)
 and `OUTPUT.errors.jsonl` are only written, atomically, once every row has its line. So the output
-holds every input row exactly once, in input order (with `filter`, exactly the matching ones).
+holds every input row exactly once, in input order (with `filter`, exactly the matching ones). A partial
+file of another format version (an older qguard's, whose `guard` objects lack fields) is refused with a
+message saying so: its rows cannot be mixed with new ones (`restart` starts over).
+
+Each row's conversation is found by `FieldMap`: by default a `messages` or `conversation` list, else
+`prompt` (+ `response`) columns. Its `guard` object is `Verdict.to_dict()` plus `model`, the same object
+`qguard classify --json` prints.
 
 Bad rows (missing fields, non-text content, unreadable lines, conversations that are too long) are
 never dropped silently: they are listed with their 1-based row number and the reason in the errors
@@ -17,21 +23,24 @@ Message content is never logged.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-from qguard.errors import InputError
+from qguard.errors import InputError, check_int
 from qguard.policy import Mode, Policy, Severity, Verdict
 
 # .json: a JSON array of records, or JSON Lines under that name (read: sniffed; written: an array)
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-PARTIAL_VERSION = 1
+# 2: the `guard` object is Verdict.to_dict() (+ model), and rows are read by FieldMap's default columns
+PARTIAL_VERSION = 2
 
 
 class Classifier(Protocol):
@@ -43,42 +52,77 @@ class Classifier(Protocol):
                                return_errors: bool = False) -> list[Verdict | InputError]: ...
 
 
+# Columns read when no field is named, in this order (see FieldMap).
+MESSAGES_FIELDS = ("messages", "conversation")
+PROMPT_FIELD, RESPONSE_FIELD = "prompt", "response"
+
+
 @dataclass(frozen=True)
 class FieldMap:
-    """Where a row's conversation is. Default: the shared data schema's `messages` list.
+    """Where a row's conversation is.
 
-    With `prompt_field`, the conversation is one user turn (plus an assistant turn from
-    `response_field` when given); otherwise `messages_field` holds a list of {role, content}.
+    - `messages_field`: that field holds a list of {role, content} (the last message is judged).
+    - `prompt_field`: the conversation is one user turn, plus an assistant turn from `response_field`
+      when given (then the response is judged).
+    - neither (the default): each row is read from the common column names, in this order: a `messages`
+      or `conversation` list; else `prompt`, with `response` when the row has one that is not null. A row
+      with both a message list and `prompt`/`response` is read from its list; name the fields to choose.
+    A named field that a row lacks is an error for that row.
     """
 
-    messages_field: str = "messages"
+    messages_field: str | None = None
     prompt_field: str | None = None
     response_field: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("messages_field", "prompt_field", "response_field"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InputError(f"{name} must be a column name, got {v!r}")
         if self.response_field and not self.prompt_field:
             raise InputError("--response-field needs --prompt-field")
+        if self.messages_field and self.prompt_field:
+            raise InputError("give --messages-field or --prompt-field (with --response-field), not both")
 
     def conversation(self, row: Any) -> list[dict]:
         """The row's conversation; raises InputError naming the field (never the content)."""
         if not isinstance(row, dict):
             raise InputError(f"row is a JSON {type(row).__name__}, not an object")
         if self.prompt_field:
-            msgs = [{"role": "user", "content": _text(row, self.prompt_field)}]
-            if self.response_field:
-                msgs.append({"role": "assistant", "content": _text(row, self.response_field)})
-            return msgs
-        if self.messages_field not in row or row[self.messages_field] is None:
-            raise InputError(f"missing field {self.messages_field!r}")
-        msgs = row[self.messages_field]
-        if isinstance(msgs, str):  # CSV cells carry the list as JSON text
-            try:
-                msgs = json.loads(msgs)
-            except ValueError:
-                raise InputError(f"field {self.messages_field!r} is text but not a JSON list of messages") from None
-        if not isinstance(msgs, list) or not msgs:
-            raise InputError(f"field {self.messages_field!r} must be a non-empty list of {{role, content}}")
-        return msgs
+            return _turns(row, self.prompt_field, self.response_field)
+        if self.messages_field:
+            return _messages(row, self.messages_field)
+        for name in MESSAGES_FIELDS:
+            if row.get(name) is not None:
+                return _messages(row, name)
+        if row.get(PROMPT_FIELD) is not None:
+            return _turns(row, PROMPT_FIELD, RESPONSE_FIELD if row.get(RESPONSE_FIELD) is not None else None)
+        raise InputError(
+            "no conversation in the row: expected a 'messages' or 'conversation' list, or a 'prompt' field "
+            "(with an optional 'response'); name other columns with --messages-field or --prompt-field"
+            + (" ('response' alone is not enough: it needs its 'prompt')" if row.get(RESPONSE_FIELD) is not None else "")
+        )
+
+
+def _turns(row: dict, prompt_field: str, response_field: str | None) -> list[dict]:
+    msgs = [{"role": "user", "content": _text(row, prompt_field)}]
+    if response_field:
+        msgs.append({"role": "assistant", "content": _text(row, response_field)})
+    return msgs
+
+
+def _messages(row: dict, name: str) -> list[dict]:
+    if name not in row or row[name] is None:
+        raise InputError(f"missing field {name!r}")
+    msgs = row[name]
+    if isinstance(msgs, str):  # CSV cells carry the list as JSON text
+        try:
+            msgs = json.loads(msgs)
+        except ValueError:
+            raise InputError(f"field {name!r} is text but not a JSON list of messages") from None
+    if not isinstance(msgs, list) or not msgs:
+        raise InputError(f"field {name!r} must be a non-empty list of {{role, content}}")
+    return msgs
 
 
 def _text(row: dict, name: str) -> str:
@@ -195,32 +239,27 @@ def _parquet_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
 
 # ------------------------------------------------------------------------------------------ writing
 
-def binary(v: Verdict, mode: Mode) -> Severity:
-    """Safe/Unsafe under `mode` (an unreadable model answer is never Safe)."""
-    return Severity.UNSAFE if v.error else Policy(mode=mode).binary(v.label)
+def guard_object(v: Verdict, model: str) -> dict[str, Any]:
+    """A row's `guard` object: `Verdict.to_dict()` (the serialisation of `classify --json` and HTTP) and
+    the model that gave it."""
+    return {**v.to_dict(), "model": model}
 
 
-def guard_object(v: Verdict, model: str, mode: Mode) -> dict[str, Any]:
-    g: dict[str, Any] = {
-        "label": v.label.value,
-        "binary": binary(v, mode).value,
-        "mode": mode.value,
-        "categories": [c.value for c in v.categories],
-        "refusal": v.refusal,
-        "probs": {k: (v.probs or {}).get(k) for k in ("Safe", "Unsafe", "Controversial")},
-        "model": model,
-    }
-    if v.error:
-        g["error"] = v.error
-    return g
-
-
-def matches(v: Verdict | None, want: str | None, mode: Mode) -> bool:
+def matches(v: Verdict | None, want: str | None) -> bool:
+    """Whether a row is kept by `filter` (an unreadable model answer counts as Unsafe, never Safe)."""
     if want is None:
         return True
     if v is None:
         return False
-    return binary(v, mode) is (Severity.SAFE if want == "safe" else Severity.UNSAFE)
+    return v.binary is (Severity.SAFE if want == "safe" else Severity.UNSAFE)
+
+
+def run_policy(classifier: Classifier, mode: Mode) -> Policy | None:
+    """The policy that verdicts are read under: the classifier's own, in `mode` (None: already so)."""
+    own = getattr(classifier, "policy", None)
+    if isinstance(own, Policy):
+        return None if own.mode is mode else dataclasses.replace(own, mode=mode)
+    return Policy(mode=mode)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -301,6 +340,12 @@ class Summary:
     error_rows: list[int] = field(default_factory=list)  # first few, for the message
     output: str = ""
     errors_file: str | None = None
+    error_reasons: dict[str, int] = field(default_factory=dict)  # the most common reasons, with their counts
+
+    @property
+    def all_failed(self) -> bool:
+        """Every row failed: the input (or the field names) is almost certainly not what was meant."""
+        return self.rows > 0 and self.errors == self.rows
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -327,8 +372,16 @@ def _open_partial(path: Path, cfg: RunConfig, restart: bool) -> int:
     lines = data.splitlines()
     try:
         header = json.loads(lines[0])["qguard_annotate"]
-    except (IndexError, ValueError, KeyError, TypeError):
+        version = header.get("version")
+    except (IndexError, ValueError, KeyError, TypeError, AttributeError):
         raise InputError(f"{path} is not a qguard partial file; delete it or pass --restart") from None
+    if isinstance(version, int) and version != PARTIAL_VERSION:
+        # its rows carry the old, smaller `guard` object (no action, category_probs, unsafe_position,
+        # n_tokens): continuing would give one output two schemas, and the missing values need the model
+        raise InputError(f"{path} was written by another qguard version (partial format {version}; this one "
+                         f"writes {PARTIAL_VERSION}, whose `guard` objects carry more fields), so its rows cannot "
+                         "be continued: finish it with the qguard that started it, or pass --restart to "
+                         "annotate again from the first row")
     if header != asdict(cfg):
         diff = sorted(k for k in header.keys() | asdict(cfg).keys() if header.get(k) != asdict(cfg).get(k))
         raise InputError(f"{path} belongs to a different run (differs in: {', '.join(diff)}); "
@@ -341,6 +394,9 @@ def annotate(classifier: Classifier, input: str | Path, output: str | Path, *, f
              restart: bool = False, progress: bool = True) -> Summary:
     """Annotate every row of `input` into `output` (see the module docstring)."""
     inp, out = Path(input), Path(output)
+    if not isinstance(fields, FieldMap):
+        raise InputError(f"fields must be a qguard.annotate.FieldMap, got {type(fields).__name__}")
+    mode, batch_size = Mode(mode), check_int(batch_size, "batch_size")
     if not inp.is_file():
         raise InputError(f"no such input file: {inp}")
     file_format(inp), file_format(out)
@@ -348,7 +404,7 @@ def annotate(classifier: Classifier, input: str | Path, output: str | Path, *, f
         raise InputError("--filter must be safe or unsafe")
     if inp.resolve() == out.resolve():
         raise InputError("OUTPUT must differ from INPUT")
-    cfg = RunConfig(str(inp.resolve()), str(out.resolve()), classifier.name, Mode(mode).value, filter,
+    cfg = RunConfig(str(inp.resolve()), str(out.resolve()), classifier.name, mode.value, filter,
                     asdict(fields), inp.stat().st_size)
     total = count_rows(inp)  # an unreadable input fails here, before a partial file exists
     try:
@@ -359,12 +415,12 @@ def annotate(classifier: Classifier, input: str | Path, output: str | Path, *, f
     done = _open_partial(part, cfg, restart)
     if done > total:
         raise InputError(f"{part} has more rows ({done}) than {inp} ({total}); pass --restart")
-    _process(classifier, inp, part, fields, filter, Mode(mode), done, total, batch_size, progress)
+    _process(classifier, inp, part, fields, filter, run_policy(classifier, mode), done, total, batch_size, progress)
     return _finalize(part, out, filter, done, total)
 
 
-def _process(classifier, inp: Path, part: Path, fields: FieldMap, filter: str | None, mode: Mode, done: int,
-             total: int, batch_size: int, progress: bool) -> None:
+def _process(classifier, inp: Path, part: Path, fields: FieldMap, filter: str | None, policy: Policy | None,
+             done: int, total: int, batch_size: int, progress: bool) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=done, unit="row", file=sys.stderr, disable=not progress,
@@ -374,17 +430,17 @@ def _process(classifier, inp: Path, part: Path, fields: FieldMap, filter: str | 
         for n, (row, err) in enumerate(read_rows(inp, skip=done), start=done + 1):
             batch.append((n, row, err))
             if len(batch) >= batch_size:
-                _write_batch(f, classifier, batch, fields, filter, mode)
+                _write_batch(f, classifier, batch, fields, filter, policy)
                 bar.update(len(batch))
                 batch = []
         if batch:
-            _write_batch(f, classifier, batch, fields, filter, mode)
+            _write_batch(f, classifier, batch, fields, filter, policy)
             bar.update(len(batch))
     bar.close()
 
 
 def _write_batch(f, classifier: Classifier, batch: list[tuple[int, Any, str | None]], fields: FieldMap,
-                 filter: str | None, mode: Mode) -> None:
+                 filter: str | None, policy: Policy | None) -> None:
     convs, where, errors = [], [], {}
     for j, (_n, row, err) in enumerate(batch):
         if err is None:
@@ -400,13 +456,13 @@ def _write_batch(f, classifier: Classifier, batch: list[tuple[int, Any, str | No
         if isinstance(v, Exception):
             errors[j] = str(v)
         else:
-            verdicts[j] = v
+            verdicts[j] = v if policy is None else policy.apply(v)
     lines = []
     for j, (n, row, _) in enumerate(batch):
         v = verdicts.get(j)
         record = dict(row) if isinstance(row, dict) else {"_unreadable_row": n}
-        record["guard"] = guard_object(v, classifier.name, mode) if v is not None else {"error": errors[j]}
-        lines.append(json.dumps({"row": n, "keep": matches(v, filter, mode),
+        record["guard"] = guard_object(v, classifier.name) if v is not None else {"error": errors[j]}
+        lines.append(json.dumps({"row": n, "keep": matches(v, filter),
                                  "error": errors.get(j), "record": record}, ensure_ascii=False, default=str))
     f.write("".join(line + "\n" for line in lines))
     f.flush()
@@ -444,5 +500,6 @@ def _finalize(part: Path, out: Path, filter: str | None, done: int, total: int) 
     elif ep.exists():
         ep.unlink()
     s.written, s.errors, s.error_rows = len(rows), len(errs), [e["row"] for e in errs[:20]]
+    s.error_reasons = dict(Counter(e["error"] for e in errs).most_common(5))
     part.unlink()
     return s

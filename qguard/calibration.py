@@ -59,9 +59,12 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.kind not in ("stream", "gen"):
             raise InputError(f"calibration kind must be 'stream' or 'gen', got {self.kind!r}")
+        if not isinstance(self.temperature, dict):
+            raise InputError(f"calibration temperature must map {' and '.join(TASKS)} to numbers, got "
+                             f"{type(self.temperature).__name__}")
         for task in TASKS:
             t = self.temperature.get(task)
-            if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
                 raise InputError(f"calibration temperature for {task!r} must be a positive number, got {t!r}")
         if self.kind == "gen" and self.temperature["prompt"] != self.temperature["response"]:
             raise InputError("a Gen model has one temperature for prompts and responses (one LM head)")
@@ -98,6 +101,9 @@ def resolve(checkpoint_dir: Path, calibration: Calibration | str | os.PathLike |
         if calibration is True:
             raise InputError(f"{checkpoint_dir} has no {FILE_NAME}")
         return None
+    if not isinstance(calibration, (str, os.PathLike)):
+        raise InputError(f"calibration must be a Calibration, a path to a {FILE_NAME}, True, False or None; "
+                         f"got {type(calibration).__name__}")
     return Calibration.load(calibration)
 
 

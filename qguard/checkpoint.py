@@ -95,11 +95,29 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         return Path(snapshot_download(
             name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"],
         ))
-    except Exception as e:  # offline, unknown repo, auth: all end the same way for the user
+    except Exception as e:  # offline, unknown repo, auth: said in one line, not the hub's paragraph
+        # `ckpt/gen-0.6b` is both a relative path and a hub id: say which was tried, so a typo in a
+        # local path does not read as a network problem
         raise CheckpointError(
-            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {' '.join(str(e).split())}). "
-            "Download it on a connected machine and pass the local directory."
+            f"checkpoint {name!r} not found: there is no local directory of that name (looked in {Path.cwd()}), "
+            f"and as a Hugging Face hub id it could not be fetched: {_hub_failure(e)}. Check the path, or "
+            "download the model on a connected machine and pass its directory."
         ) from None
+
+
+def _hub_failure(e: Exception) -> str:
+    """Why a hub download failed, in a few words (the classes are matched by name: they move between
+    huggingface_hub versions)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if "GatedRepoError" in names:
+        return "the repository is gated (accept its terms on the hub, then log in with `hf auth login`)"
+    if "RepositoryNotFoundError" in names:
+        return "no such repository on the hub (or it is private: log in with `hf auth login`)"
+    if names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectError", "TimeoutError",
+                "ConnectTimeout", "ReadTimeout"}:
+        return "the hub cannot be reached from here and the model is not in the local Hugging Face cache"
+    detail = " ".join(str(e).split())
+    return f"{type(e).__name__}" + (f" ({detail[:200]})" if detail else "")
 
 
 def detect_kind(config: dict[str, Any], where: str = "config.json") -> Kind:

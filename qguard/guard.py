@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,8 +25,9 @@ from qguard.checkpoint import (
     resolve_dtype,
 )
 from qguard.engine.scoring import TokenScores, argmax_label, probs_dict, score_sequences, severity_probs
-from qguard.errors import InputError
+from qguard.errors import InputError, check_int
 from qguard.model.gen import GEN_MAX_NEW_TOKENS
+from qguard.model.quant import check_quantize, quantize_model
 from qguard.policy import DebounceRule, Mode, Policy, Severity, Verdict, debounce, resolve_policy
 from qguard.tokenizer import Message, StreamLayout, check_messages, check_turn, load_tokenizer, stream_layout
 
@@ -54,13 +55,13 @@ def as_response_messages(prompt: Conversation, response: str | None) -> list[Mes
         msgs = check_messages(prompt)
         if msgs[-1]["role"] != "assistant":
             raise InputError("response moderation needs the last message to be from the assistant")
-        return msgs
+        return check_turn(msgs)  # also refuses an empty prompt before the response
     if not isinstance(response, str):
         raise InputError(f"response must be text, got {type(response).__name__}")
     if not response.strip():
         raise InputError("empty response: nothing to moderate")
     msgs = as_prompt_messages(prompt) if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
-    return [*msgs, {"role": "assistant", "content": response}]
+    return check_turn([*msgs, {"role": "assistant", "content": response}])  # an empty prompt is an InputError
 
 
 @dataclass
@@ -88,8 +89,12 @@ class Guard:
 
     def __init__(self, kind: Kind, name: str, tokenizer, policy: Policy, model, labels=None,
                  debounce_rule: DebounceRule = DebounceRule.EVAL, max_new_tokens: int = GEN_MAX_NEW_TOKENS,
-                 calibration: Calibration | None = None, moderate_thinking: bool = True):
+                 calibration: Calibration | None = None, moderate_thinking: bool = True,
+                 official_special_tokens: bool = False):
         self.kind, self.name, self.tokenizer, self.policy = kind, name, tokenizer, policy
+        # message content is tokenized as text (qguard.tokenizer.prepare_chat); True: the official
+        # tokenization, where "<|im_end|>" written in a message is a control token (unsafe for untrusted input)
+        self.official_special_tokens = official_special_tokens
         self.calibration = calibration  # already folded into `model` (qguard.calibration)
         self.model, self.labels, self.debounce_rule = model, labels, DebounceRule(debounce_rule)
         # Stream: also read a response's reasoning (`<think>...</think>` in its text), like a live
@@ -100,7 +105,8 @@ class Guard:
         if kind is Kind.GEN:
             from qguard.engine.gen import GenEngine
 
-            self.gen = GenEngine(model, tokenizer, max_new_tokens=max_new_tokens)
+            self.gen = GenEngine(model, tokenizer, max_new_tokens=max_new_tokens,
+                                 official_special_tokens=official_special_tokens)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *,
@@ -108,7 +114,8 @@ class Guard:
                         mode: Mode | str | None = None, policy: Policy | None = None,
                         debounce: DebounceRule | str = DebounceRule.EVAL, max_new_tokens: int = GEN_MAX_NEW_TOKENS,
                         calibration: Calibration | str | os.PathLike | bool | None = None,
-                        moderate_thinking: bool = True) -> Guard:
+                        moderate_thinking: bool = True, official_special_tokens: bool = False,
+                        quantize: str | None = None) -> Guard:
         """Load a checkpoint by local path or hub id; None loads the embedded starter model.
 
         dtype ("bf16", "float32", a torch.dtype, ...) defaults to fp32 on CPU, bf16 on GPU. `mode`
@@ -116,19 +123,29 @@ class Guard:
         (qguard.calibration): None uses the checkpoint's `qguard_calibration.json` if it has one, False
         none, a path or `Calibration` that one. Labels never change, only probabilities.
         `moderate_thinking` (Stream): also read the reasoning of a response given with `</think>`.
+        `official_special_tokens`: UNSAFE for untrusted input. By default a control-token string written in
+        a message (`<|im_end|>`, `<|im_start|>`, `<think>`, ...) is tokenized as text, so it cannot forge the
+        turns the guard reads; True reproduces the official tokenization exactly (it becomes the token).
+        `quantize` (CPU): "int8" or "int8-weight" stores the decoder's projections in int8
+        (`qguard.model.quant`; measured agreement with fp32 in docs/benchmarks.md, check yours with
+        `qguard check-precision`); such a model is inference-only (it cannot be trained or saved).
         """
+        policy = resolve_policy(mode, policy)  # options first: a typo fails before a model loads
+        quant = check_quantize(quantize, pick_device(device))
+        debounce, max_new_tokens = DebounceRule(debounce), check_int(max_new_tokens, "max_new_tokens")
         ckpt = open_checkpoint(model_path(name_or_path))
         dev = pick_device(device)
         dt = resolve_dtype(dtype, dev)
-        policy = resolve_policy(mode, policy)
         tokenizer = load_tokenizer(ckpt.path)
         if ckpt.kind is Kind.STREAM:
             model, labels = build_stream_model(ckpt, dev, dt)
         else:
             model, labels = build_gen_model(ckpt, dev, dt), None
         cal = calibrate_loaded(model, ckpt.kind.value, ckpt.path, calibration)
+        if quant:
+            quantize_model(model, quant)  # after fusing and calibration (both in the float weights)
         return cls(ckpt.kind, ckpt.name, tokenizer, policy, model, labels, debounce, max_new_tokens, cal,
-                   moderate_thinking)
+                   moderate_thinking, official_special_tokens)
 
     # ------------------------------------------------------------------------------------ public API
 
@@ -139,14 +156,16 @@ class Guard:
         return self._classify([as_response_messages(prompt, response)])[0]
 
     def classify_prompts(self, prompts: Sequence[Conversation]) -> list[Verdict]:
-        if isinstance(prompts, str):
-            raise InputError("classify_prompts takes a list of prompts, got one str; use classify_prompt")
+        if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+            raise InputError(f"classify_prompts takes a list of prompts, got {type(prompts).__name__}; "
+                             "use classify_prompt for one")
         convs = [as_prompt_messages(p) for p in prompts]
         return self._classify(convs)
 
     def classify_responses(self, pairs: Sequence[tuple[Conversation, str | None] | Sequence[Message]]) -> list[Verdict]:
-        if isinstance(pairs, str):
-            raise InputError("classify_responses takes a list of (prompt, response) pairs, got one str")
+        if isinstance(pairs, str) or not isinstance(pairs, Iterable):
+            raise InputError(f"classify_responses takes a list of (prompt, response) pairs, got "
+                             f"{type(pairs).__name__}")
         convs = []
         for p in pairs:
             if isinstance(p, tuple) and len(p) == 2 and not isinstance(p[1], dict):
@@ -200,7 +219,7 @@ class Guard:
         return [self._stream_verdict(c, lay, s) for c, lay, s in zip(convs, layouts, scores)]
 
     def _layout(self, messages: list[Message]) -> StreamLayout:
-        lay = stream_layout(self.tokenizer, messages)
+        lay = stream_layout(self.tokenizer, messages, official_special_tokens=self.official_special_tokens)
         if len(lay.ids) > self.max_len:
             raise InputError(
                 f"conversation is {len(lay.ids)} tokens, longer than the model's context of {self.max_len}; "
@@ -251,6 +270,7 @@ class Guard:
 
         kw.setdefault("policy", self.policy)
         kw.setdefault("debounce", self.debounce_rule)
+        kw.setdefault("official_special_tokens", self.official_special_tokens)
         return StreamGuard(self.model, self.tokenizer, self.labels, **kw)
 
     def open_stream(self, messages: Conversation, **kw) -> StreamSession:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qguard.errors import InputError, LabelError
+from qguard.errors import InputError, LabelError, check_number
 
 
 class Severity(str, enum.Enum):
@@ -119,12 +119,30 @@ def label_map(raw: Mapping[str, str] | Sequence[str] | None, parse, default: Seq
     return tuple(out)
 
 
-class Mode(str, enum.Enum):
+class _Option(str, enum.Enum):
+    """An option a user spells as text (mode, action, debounce rule): case and surrounding spaces do not
+    matter, and anything else is an InputError that lists the choices (not Enum's bare ValueError)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> _Option:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.strip().lower():
+                    return member
+        names = [repr(m.value) for m in cls]
+        raise InputError(f"unknown {cls._what()} {value!r}: use {', '.join(names[:-1])} or {names[-1]}")
+
+    @classmethod
+    def _what(cls) -> str:
+        return cls.__name__.lower()
+
+
+class Mode(_Option):
     STRICT = "strict"  # Controversial counts as Unsafe
     LOOSE = "loose"  # Controversial counts as Safe
 
 
-class Action(str, enum.Enum):
+class Action(_Option):
     ALLOW = "allow"
     FLAG = "flag"
     BLOCK = "block"
@@ -161,7 +179,10 @@ class Verdict:
         return self.action is Action.BLOCK
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
+        """The verdict as plain JSON data: the one serialisation every output uses (`classify --json`,
+        `stream-trace --json`, annotate's `guard` object, HTTP). Every key of `VERDICT_FIELDS` is always
+        present, None where the engine has no value, so rows of a dataset share one schema."""
+        return {
             "label": self.label.value,
             "binary": self.binary.value,
             "mode": self.mode.value,
@@ -169,12 +190,19 @@ class Verdict:
             "categories": [c.value for c in self.categories],
             "refusal": self.refusal,
             "probs": self.probs,
+            "category_probs": self.category_probs,
+            "refusal_prob": self.refusal_prob,
+            "unsafe_position": self.unsafe_position,
+            "n_tokens": self.n_tokens,
+            "error": self.error,
+            "raw_output": self.raw_output,
         }
-        for k in ("category_probs", "refusal_prob", "unsafe_position", "n_tokens", "error", "raw_output"):
-            v = getattr(self, k)
-            if v is not None:
-                d[k] = v
-        return d
+
+
+# The keys of Verdict.to_dict, in order.
+VERDICT_FIELDS: tuple[str, ...] = ("label", "binary", "mode", "action", "categories", "refusal", "probs",
+                                   "category_probs", "refusal_prob", "unsafe_position", "n_tokens", "error",
+                                   "raw_output")
 
 
 @dataclass
@@ -194,9 +222,15 @@ class Policy:
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
         self.default_action = Action(self.default_action)
-        self.actions = {parse_category(c) if isinstance(c, str) else c: Action(a) for c, a in self.actions.items()}
-        if self.block_threshold is not None and not 0.0 <= self.block_threshold <= 1.0:
-            raise ValueError(f"block_threshold must be in [0, 1], got {self.block_threshold}")
+        if not isinstance(self.actions, Mapping):
+            raise InputError(f"actions must map categories to 'allow', 'flag' or 'block', got "
+                             f"{type(self.actions).__name__}")
+        self.actions = {_action_category(c): Action(a) for c, a in self.actions.items()}
+        if self.block_threshold is not None:
+            t = check_number(self.block_threshold, "block_threshold")
+            if not 0.0 <= t <= 1.0:
+                raise InputError(f"block_threshold must be in [0, 1], got {self.block_threshold}")
+            self.block_threshold = t
 
     def binary(self, label: Severity) -> Severity:
         if label is Severity.CONTROVERSIAL:
@@ -244,7 +278,18 @@ class Policy:
         )
 
 
-class DebounceRule(str, enum.Enum):
+def _action_category(name: Category | str) -> Category:
+    if isinstance(name, Category):
+        return name
+    if not isinstance(name, str):
+        raise InputError(f"actions: a category is a name such as 'Violent', got {type(name).__name__} {name!r}")
+    try:
+        return parse_category(name)
+    except LabelError as e:
+        raise InputError(f"actions: {e}") from None
+
+
+class DebounceRule(_Option):
     """How per-token Stream labels become one response verdict.
 
     EVAL (default, the official eval code): Unsafe at the first i where tokens i-1 and i are both Unsafe;
@@ -255,6 +300,10 @@ class DebounceRule(str, enum.Enum):
 
     EVAL = "eval"
     REPORT = "report"
+
+    @classmethod
+    def _what(cls) -> str:
+        return "debounce rule"
 
 
 def debounce(labels: Sequence[Severity], rule: DebounceRule = DebounceRule.EVAL) -> tuple[Severity, int | None]:
@@ -308,10 +357,9 @@ class Debouncer:
 
 def resolve_policy(mode: Mode | str | None, policy: Policy | None) -> Policy:
     """The policy of `mode` (default strict), or `policy` itself; both, with different modes, is an error."""
-    try:
-        m = None if mode is None else Mode(mode)
-    except ValueError:
-        raise InputError(f"unknown mode {mode!r}: use 'strict' or 'loose'") from None
+    m = None if mode is None else Mode(mode)
+    if policy is not None and not isinstance(policy, Policy):
+        raise InputError(f"policy must be a qguard.policy.Policy, got {type(policy).__name__}")
     if policy is not None:
         if m is not None and m is not policy.mode:
             raise InputError(f"mode={m.value!r} conflicts with the policy's mode {policy.mode.value!r}; "

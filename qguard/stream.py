@@ -11,7 +11,9 @@
 
 Each push costs one incremental step of the engine (`qguard.engine.stream`): the prefix stays in the KV
 cache. Pushes of many sessions share one batched forward: `push_many` in sync code, and in asyncio code
-every `await session.push(...)` issued at the same time is coalesced into one step by a background loop.
+every `await session.push(...)` issued at the same time is coalesced into one step by a background loop,
+which runs it (text tokenization included) on the step thread, never on the event loop. A session that
+closes or fails never disturbs another one's step (see `StreamGuard._run_each`).
 
 Reading positions (spec section 3): the prompt verdict is the query heads at the user turn's
 `<|im_end|>`; response verdicts are the response heads at every answer token, and at the reasoning tokens
@@ -26,6 +28,8 @@ import copy
 import dataclasses
 import enum
 import os
+import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,8 +48,9 @@ from qguard.checkpoint import (
 )
 from qguard.engine.scoring import argmax_label, probs_dict, severity_probs
 from qguard.engine.stream import EngineStats, HeadProbs, StreamEngine
-from qguard.errors import CapacityError, InputError
+from qguard.errors import CapacityError, InputError, check_int
 from qguard.incremental import IncrementalTokenizer
+from qguard.model.quant import check_quantize, quantize_model
 from qguard.policy import Category, Debouncer, DebounceRule, Mode, Policy, Severity, Verdict, resolve_policy
 from qguard.tokenizer import (
     DOUBLE_NEWLINE,
@@ -55,10 +60,10 @@ from qguard.tokenizer import (
     NEWLINE,
     THINK,
     Message,
-    check_messages,
-    encode,
+    chat_ids,
+    check_turn,
+    fix_surrogates,
     load_tokenizer,
-    render_chat,
 )
 
 __all__ = [
@@ -111,6 +116,10 @@ _TOKEN_VERDICT_FIELDS = tuple(f.name for f in dataclasses.fields(TokenVerdict))
 
 
 _ANSWER = (Part.ANSWER,)
+
+# What a batch item carries: a conversation to open a session on (`_Opening`; the step thread tokenizes
+# it and takes a slot), the prompt ids of a session just opened, answer token ids, a text delta, a flush.
+_OPEN, _PROMPT, _IDS, _TEXT, _FLUSH = range(5)
 
 
 class _Reader:
@@ -184,6 +193,16 @@ class StreamSession:
         self._riskiest: tuple[float, dict, dict, Category] | None = None
         self._text: IncrementalTokenizer | None = None
         self.n_moderated = 0
+        # Text pushes. Caller side: whether push_text / flush were called, and the pushed text that is not
+        # judged yet (`pending_text`; appended by the caller, trimmed by the step, hence the lock). Step side
+        # (the thread running the engine): the pushed text the incremental tokenizer holds, as pushed, and
+        # ids it committed that no step has judged yet (a failed push retries them) with their text length.
+        self._text_used = self._text_flushed = False
+        self._pending = ""
+        self._pending_lock = threading.Lock()
+        self._held_raw = ""
+        self._unsent: tuple[list[int], int] = _NO_TEXT_IDS
+        self._failure: BaseException | None = None
 
     # ------------------------------------------------------------------------------------ public
 
@@ -193,14 +212,27 @@ class StreamSession:
 
     def push_text(self, delta: str) -> list[TokenVerdict]:
         """Push an assistant text delta (LLMs with another tokenizer); verdicts for the ids it commits.
-        The text is all content: "<|im_end|>" in it does not end the turn, `finish` does."""
-        ids = self._text_stream().push(delta)
-        return self.push(ids) if ids else []
+        The text is all content: "<|im_end|>" in it does not end the turn, `finish` does. The last
+        pre-tokenizer chunk stays uncommitted until later text fixes its tokens (see `pending_text`)."""
+        delta = self._accept_text(delta)
+        return self.guard._run_one(self, delta, _TEXT) if delta else []
 
     def flush(self) -> list[TokenVerdict]:
-        """End of the text: commit the text still held by the incremental tokenizer; its verdicts."""
-        ids = self._text.flush() if self._text is not None else []
-        return self.push(ids) if ids else []
+        """End of the text: commit the text still held by the incremental tokenizer; its verdicts.
+        Afterwards `pending_text` is "" and later `push_text` calls are refused."""
+        return self.guard._run_one(self, None, _FLUSH) if self._flush_needed() else []
+
+    @property
+    def pending_text(self) -> str:
+        """The text given to `push_text` that is not judged yet: the tail the incremental tokenizer holds
+        back (later text may still change its tokens), text of a push still running, and text of a push
+        that failed (its ids are retried by the next push or `flush`).
+
+        Always a suffix of the pushed text, in the characters given (a UTF-16 surrogate pair counts two),
+        so with `pushed` the concatenation of every delta, `pushed[:len(pushed) - len(pending_text)]` is
+        exactly the text whose token ids the verdicts returned so far judged: what a proxy may release.
+        "" when push_text was never used and once `flush` (or `finish`) returned."""
+        return self._pending
 
     def finish(self) -> Verdict:
         """End of the response: `flush`, then the debounced response verdict (call `flush` first to also
@@ -221,23 +253,32 @@ class StreamSession:
                 raise InputError("cannot fork while pushes of this session are in flight")
             new = copy.copy(self)
             new.slot = self.guard.engine.fork(self.slot)
+        new._pending_lock = threading.Lock()
         new._reader = copy.copy(self._reader)
         new._debouncer = copy.copy(self._debouncer)
         new._text = copy.copy(self._text)
         return new
 
     def close(self) -> None:
-        """Free the session's cache slot (idempotent)."""
+        """Free the session's cache slot (idempotent). Waits for a step in progress to end."""
         if not self.closed:
             self.closed = True
             self.guard.engine.free(self.slot)
 
     def _close_nowait(self) -> None:
-        """Close without waiting for the engine lock (an event loop must not block on a running step);
-        the slot is freed at the engine's next call."""
+        """Close without waiting for the engine lock (an event loop must not block on a running step).
+        The engine frees the slot when no run uses it: a step that already holds this session's tokens
+        ends first, and the session layer then drops the session's results."""
         if not self.closed:
             self.closed = True
             self.guard.engine.release_later(self.slot)
+
+    def _fail(self, error: BaseException) -> None:
+        """An unexpected error in this session's own work: close it (its state is no longer known), so
+        later pushes say why; other sessions of the step are not touched."""
+        if self._failure is None:
+            self._failure = error
+        self._close_nowait()
 
     def __enter__(self) -> StreamSession:
         return self
@@ -253,15 +294,60 @@ class StreamSession:
 
     # ------------------------------------------------------------------------------------ internals
 
-    def _text_stream(self) -> IncrementalTokenizer:
+    def _accept_text(self, delta: str) -> str:
+        """Caller side of a text push: check it and count it as pending (tokenized later, by the step)."""
         self._check_open()
+        if not isinstance(delta, str):
+            raise InputError(f"text deltas must be str, got {type(delta).__name__}")
+        if self._text_flushed:
+            raise InputError("this text stream was already flushed; start a new one")
+        self._text_used = True
+        if delta:
+            with self._pending_lock:
+                self._pending += delta
+        return delta
+
+    def _flush_needed(self) -> bool:
+        """Caller side of `flush`: False when there is nothing to commit (no text, or already flushed and
+        judged), so finishing twice or a session without text costs no step."""
+        if not self._text_used or (self._text_flushed and not self._pending):
+            return False
+        self._text_flushed = True
+        return True
+
+    def _text_stream(self) -> IncrementalTokenizer:
         if self._text is None:
-            self._text = IncrementalTokenizer(self.guard.tokenizer)
+            self._text = IncrementalTokenizer(self.guard.tokenizer,
+                                              official_special_tokens=self.guard.official_special_tokens)
             self._reader.ends = ()
         return self._text
 
+    def _take_text(self, delta: str | None) -> tuple[list[int], int]:
+        """Step side of a text push (`delta`, or None for flush), run in push order off the event loop:
+        the ids to judge now (unjudged ids of a failed earlier push first) and how much pushed text they
+        cover. Stays in `_unsent` until the step that judges them succeeds."""
+        inc = self._text_stream()
+        raw = self._held_raw + (delta or "")
+        if delta is None:
+            new, held = inc.flush(), 0
+        else:
+            new = inc.push(delta)
+            held = _held_length(raw, inc.pending_text)
+        self._held_raw = raw[len(raw) - held:] if held else ""
+        ids, n = self._unsent
+        self._unsent = (ids + new, n + len(raw) - held)
+        return self._unsent
+
+    def _judged(self, n: int) -> None:
+        """The first `n` characters of the pending text were judged."""
+        with self._pending_lock:
+            self._pending = self._pending[n:]
+
     def _check_open(self) -> None:
         if self.closed:
+            if self._failure is not None:
+                raise InputError("this stream session was closed after an internal error "
+                                 f"({type(self._failure).__name__}); open a new session")
             raise InputError("this stream session is closed")
         if self.finished:
             raise InputError("this stream session's response is finished; open a new session")
@@ -305,6 +391,50 @@ class StreamSession:
                                 "response_label": dlabel, "unsafe_position": dpos, "stop": self.stop})
             out.append(tv)
         return out
+
+
+@dataclass
+class _Opening:
+    """An `open_async` call: its conversation, then (step side) its prompt ids; `full`: the CapacityError
+    of the last try when every slot was in use."""
+
+    messages: object
+    system: str | None
+    thinking: bool
+    moderate_thinking: bool
+    ids: list[int] | None = None
+    user_end: int = 0
+    full: CapacityError | None = None
+
+
+def _close_opened(job) -> None:
+    """A step finished after its event loop went away: close the sessions it opened for nobody."""
+    if not job.cancelled() and job.exception() is None:
+        for r in job.result():
+            if isinstance(r, StreamSession):
+                r._close_nowait()
+
+
+_NO_TEXT_IDS: tuple[list[int], int] = ([], 0)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _held_length(raw: str, held: str) -> int:
+    """How many characters at the end of `raw` (text as pushed) the incremental tokenizer holds as `held`
+    (its pending text: the same characters, with UTF-16 surrogate pairs joined and lone halves made
+    U+FFFD, except a trailing high half that waits for its partner). When they do not line up, all of
+    `raw`: text is never counted as judged unless its ids were."""
+    if not held:
+        return 0
+    if not _SURROGATE.search(raw):  # the usual text: one character each
+        return len(held) if raw.endswith(held) else len(raw)
+    i = len(raw)
+    for _ in range(len(held)):  # walk back one held character (a pair is two pushed ones) at a time
+        if i == 0:
+            return len(raw)
+        pair = i >= 2 and "\udc00" <= raw[i - 1] <= "\udfff" and "\ud800" <= raw[i - 2] <= "\udbff"
+        i -= 2 if pair else 1
+    return len(raw) - i if fix_surrogates(raw[i:]) == fix_surrogates(held) else len(raw)
 
 
 def _token_ids(ids: Sequence[int]) -> list[int]:
@@ -382,7 +512,12 @@ class _Columns:
 
 
 class AsyncStreamSession:
-    """The asyncio face of a `StreamSession`: concurrent pushes of many sessions share batched steps."""
+    """The asyncio face of a `StreamSession`: concurrent pushes of many sessions share batched steps.
+
+    Cancelling an awaited push (e.g. the client went away) closes the session: the push may or may not
+    have been judged, so the session cannot go on. Closing never disturbs a step in progress: the slot
+    is freed when the step ends and the closed session's results are dropped.
+    """
 
     def __init__(self, session: StreamSession):
         self.session = session
@@ -395,16 +530,25 @@ class AsyncStreamSession:
     def stop(self) -> bool:
         return self.session.stop
 
+    @property
+    def pending_text(self) -> str:
+        """`StreamSession.pending_text`: the pushed text not judged yet (text of a push still awaited
+        included), a suffix of the pushed text."""
+        return self.session.pending_text
+
     async def push(self, ids: Sequence[int]) -> list[TokenVerdict]:
-        return await self.session.guard._submit_async(self.session, _token_ids(ids))
+        return await self.session.guard._submit_async(self.session, _IDS, _token_ids(ids))
 
     async def push_text(self, delta: str) -> list[TokenVerdict]:
-        ids = self.session._text_stream().push(delta)
-        return await self.push(ids) if ids else []
+        """Like `StreamSession.push_text`; the text is tokenized by the step thread, in push order, so a
+        large delta never blocks the event loop."""
+        s = self.session
+        delta = s._accept_text(delta)
+        return await s.guard._submit_async(s, _TEXT, delta) if delta else []
 
     async def flush(self) -> list[TokenVerdict]:
-        ids = self.session._text.flush() if self.session._text is not None else []
-        return await self.push(ids) if ids else []
+        s = self.session
+        return await s.guard._submit_async(s, _FLUSH, None) if s._flush_needed() else []
 
     async def finish(self) -> Verdict:
         await self.flush()
@@ -415,10 +559,12 @@ class AsyncStreamSession:
         return self.session.verdict()
 
     async def aclose(self) -> None:
+        """Close; never waits for a running step (its slot is freed when the step ends)."""
         self.session._close_nowait()
 
     def close(self) -> None:
-        self.session.close()
+        """Like `aclose`, from sync code on the event loop's thread."""
+        self.session._close_nowait()
 
     async def __aenter__(self) -> AsyncStreamSession:
         return self
@@ -438,33 +584,43 @@ class StreamGuard:
     def __init__(self, model, tokenizer, labels: StreamLabels, *, policy: Policy | None = None,
                  mode: Mode | str | None = None, debounce: DebounceRule | str = DebounceRule.EVAL,
                  max_sessions: int = 8, max_context: int = 2048, prefill_chunk: int = 512,
-                 static_decode: bool | None = None, compile_step: bool = False):
+                 static_decode: bool | None = None, compile_step: bool = False,
+                 official_special_tokens: bool = False):
         self.model, self.tokenizer, self.labels = model, tokenizer, labels
+        # prompt and pushed text are tokenized as text; True (unsafe for untrusted input): officially, so
+        # "<|im_end|>" spelt in them becomes the control token (Guard.from_pretrained's parameter)
+        self.official_special_tokens = official_special_tokens
         self.policy = resolve_policy(mode, policy)
         self.debounce_rule = DebounceRule(debounce)
+        for what, n in (("max_sessions", max_sessions), ("max_context", max_context), ("prefill_chunk", prefill_chunk)):
+            check_int(n, what)  # an InputError, not a TypeError from the engine's comparisons
         self.engine = StreamEngine(model, max_sessions=max_sessions, max_context=max_context,
                                    prefill_chunk=prefill_chunk, static_decode=static_decode,
                                    compile_step=compile_step)
         self.safe_index = list(labels.risk).index(Severity.SAFE)
         self._readout = _Readout(labels, self.engine.head_sizes, self.safe_index)
         self._vocab = model.config.vocab_size
-        self._queue: list[tuple[StreamSession, list[int], asyncio.Future, bool]] = []  # (session, ids, waiter, prompt)
+        self._queue: list[tuple[StreamSession, int, object, asyncio.Future]] = []  # (session, kind, payload, waiter)
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qguard-stream")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *,
                         device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                        calibration=None, **kw) -> StreamGuard:
+                        calibration=None, quantize: str | None = None, **kw) -> StreamGuard:
         """Load a Qwen3Guard-Stream checkpoint (local path or hub id; None: the embedded starter model);
         kw go to `StreamGuard`.
 
-        `dtype` and `calibration`: as in `Guard.from_pretrained`."""
+        `dtype`, `calibration` and `official_special_tokens` (unsafe for untrusted input): as in
+        `Guard.from_pretrained`; so is `quantize` (CPU int8 weights, inference only)."""
+        quant = check_quantize(quantize, pick_device(device))
         ckpt = open_checkpoint(model_path(name_or_path))
         dev = pick_device(device)
         dt = resolve_dtype(dtype, dev)
         model, labels = build_stream_model(ckpt, dev, dt)  # CheckpointError unless a Stream checkpoint
         calibrate_loaded(model, "stream", ckpt.path, calibration)
+        if quant:
+            quantize_model(model, quant)
         return cls(model, load_tokenizer(ckpt.path), labels, **kw)
 
     @property
@@ -486,7 +642,7 @@ class StreamGuard:
             self._check_prompt_fits(ids)
             session = StreamSession(self, self.engine.allocate(), ids, user_end, thinking, moderate_thinking)
             try:
-                self._run([(session, ids)], prompt=True)
+                self._run_one(session, ids, kind=_PROMPT)
             except BaseException:
                 session.close()
                 raise
@@ -495,7 +651,7 @@ class StreamGuard:
     def push_many(self, pushes: Mapping[StreamSession, Sequence[int]]) -> dict[StreamSession, list[TokenVerdict]]:
         """Push tokens to several sessions in one batched step. All or nothing: if any push is invalid,
         its error is raised and no session moves (so the caller can fix it and retry the batch)."""
-        results = self._run_each([(s, _token_ids(ids), False) for s, ids in pushes.items()], atomic=True)
+        results = self._run_each([(s, _IDS, _token_ids(ids)) for s, ids in pushes.items()], atomic=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -510,48 +666,63 @@ class StreamGuard:
     async def open_async(self, messages: str | Sequence[Message], *, system: str | None = None,
                          thinking: bool = False, moderate_thinking: bool = True,
                          timeout: float | None = None) -> AsyncStreamSession:
-        """Like `open`, but waits (up to `timeout` seconds) for a free session instead of failing."""
-        ids, user_end = self._prompt_ids(messages, system, thinking)
-        self._check_prompt_fits(ids)
+        """Like `open`, but waits (up to `timeout` seconds) for a free session instead of failing.
+        The step thread tokenizes the prompt and takes the slot, so the event loop never waits on them,
+        and the prompt's prefill shares the step of the pushes queued with it."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        opening = _Opening(messages, system, thinking, moderate_thinking)
         while True:
-            try:
-                slot = self.engine.allocate()
-                break
-            except CapacityError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                await asyncio.sleep(0.005)
-        session = StreamSession(self, slot, ids, user_end, thinking, moderate_thinking)
-        try:
-            await self._submit_async(session, ids, prompt=True)
-        except BaseException:
-            session.close()
-            raise
-        return AsyncStreamSession(session)
+            r = await self._submit_async(None, _OPEN, opening)
+            if isinstance(r, StreamSession):
+                return AsyncStreamSession(r)
+            opening = r  # no free slot yet: the same opening, its prompt already tokenized
+            if deadline is not None and time.monotonic() >= deadline:
+                raise r.full
+            await asyncio.sleep(0.005)
 
-    async def _submit_async(self, session: StreamSession, ids: list[int], prompt: bool = False):
+    async def _submit_async(self, session: StreamSession | None, kind: int, payload):
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.append((session, ids, fut, prompt))
+        self._queue.append((session, kind, payload, fut))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._step_loop())
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # the push may already be in a running step: the caller cannot know what was judged, so the
+            # session ends here (its slot is freed once no step uses it; a session being opened is closed
+            # when its step delivers it)
+            if session is not None:
+                session._close_nowait()
+            raise
 
     async def _step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         await asyncio.sleep(0)  # let every coroutine that is ready enqueue its push: they share this step
         while self._queue:
             batch, self._queue = self._queue, []
-            items = [(s, ids, prompt) for s, ids, _, prompt in batch]  # new prompts prefill beside live pushes
+            batch = [b for b in batch if not b[3].done()]  # cancelled while queued: never stepped
+            if not batch:
+                continue
+            items = [(s, kind, payload) for s, kind, payload, _ in batch]  # new prompts prefill beside live pushes
             try:
-                results = await loop.run_in_executor(self._executor, self._run_each, items)
-            except Exception as e:  # an engine failure fails every waiter, never hangs them
+                job = self._executor.submit(self._run_each, items)
+            except Exception as e:  # the step cannot run at all (e.g. the guard was closed)
                 results = [e] * len(batch)
-            for (_, _, fut, _), r in zip(batch, results):
-                if fut.done():
-                    continue
-                if isinstance(r, BaseException):
+            else:
+                try:
+                    results = await asyncio.wrap_future(job)
+                except asyncio.CancelledError:  # the loop itself is going away: nobody waits forever
+                    job.add_done_callback(_close_opened)
+                    for *_, fut in batch:
+                        fut.cancel()
+                    raise
+                except Exception as e:  # _run_each reports per item; this is a last resort
+                    results = [e] * len(batch)
+            for (*_, fut), r in zip(batch, results):
+                if fut.done():  # its push was cancelled meanwhile: drop the result
+                    if isinstance(r, StreamSession):
+                        r._close_nowait()  # opened for a caller that is gone
+                elif isinstance(r, BaseException):
                     fut.set_exception(r)
                 else:
                     fut.set_result(r)
@@ -561,7 +732,7 @@ class StreamGuard:
     def _prompt_ids(self, messages: str | Sequence[Message], system: str | None, thinking: bool) -> tuple[list[int], int]:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        msgs = check_messages(messages)
+        msgs = check_turn(messages)  # the prompt must have text: an empty one is an InputError, never Safe
         if system is not None:
             if not isinstance(system, str):
                 raise InputError(f"system must be text, got {type(system).__name__}")
@@ -570,8 +741,8 @@ class StreamGuard:
             msgs = [{"role": "system", "content": system}, *msgs]
         if msgs[-1]["role"] != "user":
             raise InputError("a stream session starts after the user's turn: the last message must be from the user")
-        ids = encode(self.tokenizer, render_chat(self.tokenizer, msgs, add_generation_prompt=True,
-                                                 enable_thinking=thinking))
+        ids = chat_ids(self.tokenizer, msgs, add_generation_prompt=True, enable_thinking=thinking,
+                       official_special_tokens=self.official_special_tokens)
         user_end = max(i for i, t in enumerate(ids) if t == IM_END)
         return ids, user_end
 
@@ -580,65 +751,125 @@ class StreamGuard:
             raise CapacityError(f"the conversation is {len(ids)} tokens, leaving no room for a response in the "
                                 f"engine's max_context of {self.engine.max_context}; raise max_context")
 
-    def _run_one(self, session: StreamSession, ids: Sequence[int]) -> list[TokenVerdict]:
-        r = self._run_each([(session, _token_ids(ids), False)])[0]
+    def _run_one(self, session: StreamSession, payload, kind: int = _IDS) -> list[TokenVerdict] | Verdict:
+        r = self._run_each([(session, kind, _token_ids(payload) if kind == _IDS else payload)])[0]
         if isinstance(r, BaseException):
             raise r
         return r
 
-    def _run(self, items: list[tuple[StreamSession, list[int]]], prompt: bool = False) -> list:
-        results = self._run_each([(s, ids, prompt) for s, ids in items])
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results
-
-    def _run_each(self, items: list[tuple[StreamSession, list[int], bool]], atomic: bool = False) -> list:
+    def _run_each(self, items: list[tuple[StreamSession, int, object]], atomic: bool = False) -> list:
         """Validate, submit and run a batch of pushes in one engine run; a result or an error per item.
 
-        Every item is checked before any is submitted, so a bad push fails alone and leaves its session
-        unchanged; with `atomic`, one bad push fails the batch before anything runs. Per session the work
-        is plain Python; the tensor work is done once for the run.
+        Text deltas are tokenized here, in queue order. Every item is checked before any is submitted, so
+        a bad push fails alone and leaves its session unchanged; with `atomic`, one bad push fails the
+        batch before anything runs. An unexpected error in one session's work fails (and closes) that
+        session alone; an engine failure fails every submitted push, and the engine rolls back, so those
+        sessions stay as they were. A session closed while the run was in flight gets no results, and its
+        slot is freed only after the run. Per session the work is plain Python; the tensor work is done
+        once for the run.
         """
         eng = self.engine
         with eng.lock:
-            results: list = [None] * len(items)
-            todo = []  # (item, session, ids, parts, reader phase after them, slot tokens before them, prompt)
-            batch: dict[int, tuple[int, str | None]] = {}  # slot -> (tokens this batch adds, reader phase after)
-            validate = self._validate  # bound once: the loop runs per session
-            for k, (s, ids, prompt) in enumerate(items):
-                slot = s.slot
-                before, phase = batch.get(slot, (0, None))
-                try:
-                    parts, phase = validate(s, ids, before, phase, prompt)
-                except (InputError, CapacityError) as e:
-                    results[k] = e
-                    continue
-                batch[slot] = (before + len(ids), phase)
-                todo.append((k, s, ids, parts, phase, before, prompt))
-            if atomic and len(todo) < len(items):
-                return results
-            submit = eng.submit
+            try:
+                return self._run_locked(items, atomic)
+            finally:
+                eng.free_released()  # sessions closed or failed during the run
+
+    def _run_locked(self, items: list[tuple[StreamSession | None, int, object]], atomic: bool) -> list:
+        eng = self.engine
+        results: list = [None] * len(items)
+        # openings first: allocating frees released slots, which must happen before any item is checked
+        items = [self._open_item(k, item, results) if item[1] == _OPEN else item for k, item in enumerate(items)]
+        todo = []  # (item, session, ids, parts, reader phase after them, slot tokens before them, kind, text)
+        batch: dict[int, tuple[int, str | None]] = {}  # slot -> (tokens this batch adds, reader phase after)
+        validate = self._validate  # bound once: the loop runs per session
+        for k, (s, kind, payload) in enumerate(items):
+            if s is None:  # an opening that failed or waits for a slot: its result is set
+                continue
+            slot = s.slot
+            before, phase = batch.get(slot, (0, None))
+            ids, text = payload, 0
+            try:
+                if kind >= _TEXT:
+                    if s.closed or s.finished:
+                        s._check_open()
+                    try:
+                        ids, text = s._take_text(payload)
+                    except Exception as e:  # the text stream is broken: this session fails alone
+                        s._fail(e)
+                        raise
+                parts, phase = validate(s, ids, before, phase, kind <= _PROMPT)
+            except Exception as e:  # InputError / CapacityError: the push fails alone, the session is unchanged
+                results[k] = e
+                if kind == _OPEN:
+                    s._close_nowait()
+                continue
+            if kind >= _TEXT:
+                s._unsent = _NO_TEXT_IDS  # to be judged by this run; back to unsent if the run fails
+            batch[slot] = (before + len(ids), phase)
+            todo.append((k, s, ids, parts, phase, before, kind, text))
+        if atomic and len(todo) < len(items):
+            return results
+        try:
             for _, s, ids, *_ in todo:
                 if ids:
-                    submit(s.slot, ids, checked=True)  # validated above: cannot fail
+                    eng.submit(s.slot, ids, checked=True)  # validated above
             out = eng.run_packed()
-            table: _Table | None = None  # read once for the whole run, when a response push needs it
-            rows = out.rows
-            for k, s, ids, parts, phase, before, prompt in todo:
-                if prompt:  # once per session: per-session tensor views are fine here
+        except Exception as e:  # rolled back: no session moved; text ids wait for the next push
+            eng.abort()
+            for k, s, ids, *_, kind, text in reversed(todo):
+                if kind >= _TEXT:
+                    unsent, n = s._unsent
+                    s._unsent = (ids + unsent, text + n)
+                elif kind == _OPEN:
+                    s._close_nowait()
+                results[k] = e
+            return results
+        table: _Table | None = None  # read once for the whole run, when a response push needs it
+        rows = out.rows
+        for k, s, ids, parts, phase, before, kind, text in todo:
+            if s.closed:  # closed during the run: its waiter is gone, its slot is freed after the run
+                results[k] = InputError("this stream session is closed")
+                continue
+            try:
+                if kind <= _PROMPT:  # once per session: per-session tensor views are fine here
                     s.length += len(ids)
                     s.prompt = self._prompt_verdict(s, out.heads(s.slot).slice(before, before + len(ids)))
-                    results[k] = s.prompt
+                    results[k] = s if kind == _OPEN else s.prompt
                     continue
                 s._reader.phase = phase
-                if not ids:
+                if ids:
+                    if table is None:
+                        table = self._readout.read(out.probs)
+                    results[k] = s._consume(ids, parts, table, rows[s.slot][0] + before)
+                else:
                     results[k] = []
-                    continue
-                if table is None:
-                    table = self._readout.read(out.probs)
-                results[k] = s._consume(ids, parts, table, rows[s.slot][0] + before)
-            return results
+                if text:
+                    s._judged(text)
+            except Exception as e:  # this session alone: the others' results stand
+                results[k] = e
+                s._fail(e)
+        return results
+
+    def _open_item(self, k: int, item: tuple, results: list) -> tuple[StreamSession | None, int, object]:
+        """Step side of `open_async`: the batch item of the new session (its prompt to prefill), or
+        (None, ...) with results[k] set: the error, or the `_Opening` to retry when no slot is free."""
+        _, kind, op = item
+        try:
+            if op.ids is None:
+                ids, user_end = self._prompt_ids(op.messages, op.system, op.thinking)
+                self._check_prompt_fits(ids)
+                op.ids, op.user_end = ids, user_end
+        except Exception as e:  # InputError, or CapacityError: the conversation itself does not fit
+            results[k] = e
+            return None, kind, op
+        try:
+            slot = self.engine.allocate()
+        except CapacityError as e:
+            op.full, results[k] = e, op
+            return None, kind, op
+        s = StreamSession(self, slot, op.ids, op.user_end, op.thinking, op.moderate_thinking)
+        return s, kind, op.ids
 
     def _validate(self, s: StreamSession, ids: list[int], extra: int, phase: str | None,
                   prompt: bool) -> tuple[Sequence[Part | None], str]:

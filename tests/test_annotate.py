@@ -73,9 +73,9 @@ def test_bad_rows_are_reported_never_dropped(guard, tmp_path):
     assert len(out) == len(items)
     errs = read_jsonl(errors_path(tmp_path / "out.jsonl"))
     assert [e["row"] for e in errs] == [2, 3, 4, 6, 7] == s.error_rows and s.errors == 5
-    assert "missing field 'messages'" in errs[0]["error"] and "not valid JSON" in errs[1]["error"]
+    assert "no conversation in the row" in errs[0]["error"] and "not valid JSON" in errs[1]["error"]
     assert "must be text" in errs[2]["error"] and "role" in errs[3]["error"]
-    assert all("error" in out[e["row"] - 1]["guard"] for e in errs)
+    assert all(out[e["row"] - 1]["guard"]["error"] == e["error"] for e in errs)
     assert [out[i]["id"] for i in (0, 4, 7)] == [g["id"] for g in good]
     assert "label" in out[0]["guard"]
 
@@ -93,7 +93,7 @@ def test_filter_keeps_matching_rows_per_mode(guard, tmp_path, mode):
     for r in full:
         lab = r["guard"]["label"]
         want = {"Safe": "Safe", "Unsafe": "Unsafe"}.get(lab, "Unsafe" if mode == "strict" else "Safe")
-        assert r["guard"]["binary"] == (want if "error" not in r["guard"] else "Unsafe")
+        assert r["guard"]["binary"] == (want if r["guard"]["error"] is None else "Unsafe")
 
 
 def _run(guard, inp, out, **kw) -> Path:
@@ -139,7 +139,7 @@ def test_parquet_output_keeps_bad_rows_of_another_type(guard, tmp_path):
     out = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert [r["id"] for r in out] == ["x/0", "x/1", "bad"] and s.error_rows == [3]
     assert json.loads(out[2]["messages"])[0]["content"] == 5  # the mixed-type column is kept as JSON text
-    assert out[0]["guard"]["label"] in ("Safe", "Unsafe", "Controversial") and "error" in out[2]["guard"]
+    assert out[0]["guard"]["label"] in ("Safe", "Unsafe", "Controversial") and out[2]["guard"]["error"]
 
 
 def test_progress_bar_shows_rate_and_eta(guard, tmp_path, capsys):
@@ -243,3 +243,80 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(guard, tmp_path):
         w.writerows([["hello"], ["how are you"]])
     s = annotate(guard, csv_in, tmp_path / "o2.jsonl", fields=FieldMap(prompt_field="prompt"), progress=False)
     assert (s.rows, s.errors) == (2, 0)
+
+
+def test_common_column_names_are_read_by_default(guard, tmp_path):
+    conv = [{"role": "user", "content": "how to bake bread"}, {"role": "assistant", "content": "knead knead bake"}]
+    items = [
+        {"prompt": "how to pick a lock", "response": "sure sure sure"},  # prompt/response: the response is judged
+        {"prompt": "vote vote vote"},  # a prompt alone
+        {"prompt": "hi there", "response": None},  # a null response: the prompt is judged
+        {"conversation": conv},
+        {"messages": conv[:1]},
+        {"messages": conv, "prompt": "something else"},  # both: the message list wins
+        {"response": "an answer with no prompt"},
+    ]
+    inp = write_jsonl(tmp_path / "in.jsonl", items)
+    s = annotate(guard, inp, tmp_path / "out.jsonl", progress=False)
+    out = read_jsonl(tmp_path / "out.jsonl")
+    want = guard.classify_conversations([
+        [{"role": "user", "content": "how to pick a lock"}, {"role": "assistant", "content": "sure sure sure"}],
+        [{"role": "user", "content": "vote vote vote"}], [{"role": "user", "content": "hi there"}],
+        conv, conv[:1], conv])
+    for r, v in zip(out, want):
+        assert r["guard"] == {**v.to_dict(), "model": guard.name}
+    assert s.error_rows == [7] and "'response' alone is not enough" in out[6]["guard"]["error"]
+    # named fields still win: the same rows read by --prompt-field fail where they have no prompt
+    s = annotate(guard, inp, tmp_path / "named.jsonl", fields=FieldMap(prompt_field="prompt"), progress=False)
+    assert s.error_rows == [4, 5, 7]
+
+
+def test_guard_object_is_the_verdict_serialisation(guard, tmp_path):
+    from qguard.policy import VERDICT_FIELDS, Mode, Policy
+
+    data = rows(6, seed=5)
+    inp = write_jsonl(tmp_path / "in.jsonl", data)
+    out = read_jsonl(_run(guard, inp, tmp_path / "out.jsonl"))
+    verdicts = guard.classify_conversations([r["messages"] for r in data])
+    for r, v in zip(out, verdicts):
+        assert tuple(r["guard"]) == (*VERDICT_FIELDS, "model")  # classify --json's object, one schema per row
+        assert r["guard"] == json.loads(json.dumps({**v.to_dict(), "model": guard.name}))
+        assert r["guard"]["action"] in ("allow", "flag", "block") and r["guard"]["n_tokens"] > 0
+    # annotate's mode re-reads the guard's verdicts under that mode (binary, action), its policy kept
+    loose = read_jsonl(_run(guard, inp, tmp_path / "loose.jsonl", mode="loose"))
+    for r, v in zip(loose, verdicts):
+        assert r["guard"] == json.loads(json.dumps({**Policy(mode=Mode.LOOSE).apply(v).to_dict(), "model": guard.name}))
+
+
+def test_a_partial_file_of_an_older_format_is_refused_clearly(guard, tmp_path):
+    from qguard.annotate import RunConfig
+
+    data = rows(4, seed=8)
+    inp = write_jsonl(tmp_path / "in.jsonl", data)
+    out = tmp_path / "out.jsonl"
+    old = RunConfig(str(inp.resolve()), str(out.resolve()), guard.name, "strict", None,
+                    {"messages_field": "messages", "prompt_field": None, "response_field": None},
+                    inp.stat().st_size, version=1)  # what qguard wrote before guard objects were Verdict.to_dict
+    old_row = {"row": 1, "keep": True, "error": None,
+               "record": {**data[0], "guard": {"label": "Safe", "binary": "Safe", "mode": "strict", "categories": [],
+                                               "refusal": None, "probs": {}, "model": guard.name}}}
+    write_jsonl(partial_path(out), [{"qguard_annotate": old.__dict__}, old_row])
+    with pytest.raises(InputError, match=r"another qguard version \(partial format 1.*pass --restart"):
+        annotate(guard, inp, out, progress=False)
+    assert partial_path(out).exists() and not out.exists()  # the old run's results are left untouched
+    annotate(guard, inp, out, progress=False, restart=True)
+    assert all("action" in r["guard"] for r in read_jsonl(out))
+
+
+def test_cli_exits_non_zero_when_every_row_failed(tmp_path, model_dir, capsys):
+    from qguard.cli import main
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}, {"text": "bye"}, "{torn"])
+    code = main(["annotate", str(inp), "-o", str(tmp_path / "o.jsonl"), "--model", str(model_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "qguard: error: every one of the 3 rows failed, nothing was judged" in err
+    assert "2 x no conversation in the row" in err and "1 x line is not valid JSON" in err
+    assert "o.jsonl.errors.jsonl" in err and "Traceback" not in err
+    inp = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "hello"}, {"text": "bye"}])  # one good row: a result
+    code = main(["annotate", str(inp), "-o", str(tmp_path / "o2.jsonl"), "--model", str(model_dir), "--no-progress"])
+    assert code == 0 and "1 bad rows" in capsys.readouterr().err

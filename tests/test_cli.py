@@ -40,11 +40,81 @@ def test_stream_trace_json(capsys, tiny_stream):
     assert code == 0
     lines = [json.loads(x) for x in out.splitlines()]
     assert set(lines[0]["prompt"]) >= {"probs", "label"}
-    tokens = lines[1:]
+    tokens = lines[1:-1]
     assert [t["token_id"] for t in tokens] == encode(load_tokenizer(None), "Sure, here it is.")
     for t in tokens:
         assert set(t) == {"token_id", "text", "probs", "category_probs", "label"}
         assert sum(t["probs"].values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_stream_trace_json_ends_with_the_response_verdict(capsys, tiny_stream):
+    from qguard.guard import Guard
+
+    code, out, _ = run(capsys, "stream-trace", "-m", str(tiny_stream), "--prompt", "hi", "--response", "Sure, here it is.",
+                       "--json")
+    lines = [json.loads(x) for x in out.splitlines()]
+    trace = Guard.from_pretrained(tiny_stream).stream_trace("hi", "Sure, here it is.")
+    assert code == 0 and set(lines[-1]) == {"verdict"} and len(lines) == len(trace.tokens) + 2
+    # the prompt and the final verdict are the one serialisation every output uses
+    assert lines[-1]["verdict"] == json.loads(json.dumps({**trace.response.to_dict(), "model": str(tiny_stream)}))
+    assert lines[0]["prompt"] == json.loads(json.dumps({**trace.prompt.to_dict(), "model": str(tiny_stream)}))
+    assert lines[-1]["verdict"]["n_tokens"] > len(trace.tokens) and "unsafe_position" in lines[-1]["verdict"]
+
+
+def test_classify_json_is_the_verdict_serialisation(capsys, tiny_stream):
+    from qguard.policy import VERDICT_FIELDS
+
+    code, out, _ = run(capsys, "classify", "-m", str(tiny_stream), "--json", "--prompt", "hi", "--response", "hello")
+    assert code == 0 and tuple(json.loads(out)) == (*VERDICT_FIELDS, "model")
+
+
+@pytest.mark.parametrize("argv", [
+    ["classify", "--prompt", "", "--response", "x"],
+    ["classify", "--prompt", "  \n", "--response", "x"],
+    ["stream-trace", "--prompt", "   ", "--response", "x"],
+    ["stream-trace", "--prompt", "", "--response", "x", "--json"],
+])
+def test_an_empty_prompt_is_an_error_not_safe(capsys, tiny_stream, argv):
+    code, out, err = run(capsys, *argv, "-m", str(tiny_stream))
+    assert code == 2 and out == "" and "qguard: error: empty prompt" in err and "Traceback" not in err
+
+
+def _offline_hub(monkeypatch, tmp_path):
+    """No hub: snapshot_download fails as huggingface_hub does offline, with its long message."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*a, **kw):
+        raise LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub, and we cannot "
+                                      "find the appropriate snapshot folder. Please check your internet connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)  # where no ckpt/ folder exists
+
+
+def test_a_missing_local_dir_that_looks_like_a_hub_id_says_so(capsys, monkeypatch, tmp_path):
+    _offline_hub(monkeypatch, tmp_path)
+    monkeypatch.delenv("QGUARD_MODEL", raising=False)
+    code, _, err = run(capsys, "classify", "--model", "ckpt/gen-0.6b", "hi")
+    assert code == 2 and "Traceback" not in err
+    assert f"no local directory of that name (looked in {tmp_path})" in err and "as a Hugging Face hub id" in err
+    assert "cannot be reached" in err and "check your internet connection" not in err and "QGUARD_MODEL" not in err
+    monkeypatch.setenv("QGUARD_MODEL", "ckpt/gen-0.6b")  # the same name, now from the environment
+    for argv in (["classify", "hi"], ["stream-trace", "--prompt", "a", "--response", "b"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "no local directory" in err and "'ckpt/gen-0.6b' is the value of $QGUARD_MODEL" in err
+    code, _, err = run(capsys, "classify", "--model", "ckpt/other", "hi")  # --model wins and is what is named
+    assert code == 2 and "'ckpt/other'" in err and "QGUARD_MODEL" not in err
+
+
+def test_hub_failures_are_told_in_one_line():
+    from qguard.checkpoint import _hub_failure
+
+    class RepositoryNotFoundError(OSError):  # matched by class name, as huggingface_hub's classes move
+        pass
+
+    assert "no such repository on the hub" in _hub_failure(RepositoryNotFoundError("404 Client Error ..."))
+    assert _hub_failure(RuntimeError("odd\n  failure")) == "RuntimeError (odd failure)"
 
 
 def test_stream_trace_human(capsys, tiny_stream):

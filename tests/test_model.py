@@ -197,7 +197,7 @@ def test_auto_map_is_ignored(tiny_stream):
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="(?s)could not fetch 'Qwen/Qwen3Guard-Stream-0.6B'.*local directory"):
+    with pytest.raises(CheckpointError, match="(?s)'Qwen/Qwen3Guard-Stream-0.6B' not found: there is no local directory.*hub id it could not be fetched"):
         open_checkpoint("Qwen/Qwen3Guard-Stream-0.6B")
 
 

@@ -1,17 +1,22 @@
+import json
+
 import pytest
 
-from qguard.errors import LabelError
+from qguard.errors import InputError, LabelError
 from qguard.policy import (
+    VERDICT_FIELDS,
     Action,
     Category,
     Debouncer,
     DebounceRule,
+    Mode,
     Policy,
     Severity,
     debounce,
     label_map,
     parse_category,
     parse_severity,
+    resolve_policy,
 )
 
 S, U, C = Severity.SAFE, Severity.UNSAFE, Severity.CONTROVERSIAL
@@ -108,3 +113,44 @@ def test_apply_rejudges_one_output_under_another_mode():
     assert loose.binary is S and loose.action is Action.ALLOW and loose.probs == strict.probs
     err = Policy(mode="loose").apply(Policy().error_verdict("bad"))
     assert err.is_unsafe and err.error == "bad"
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: Policy(mode="medium"), "unknown mode 'medium': use 'strict' or 'loose'"),
+    (lambda: Policy(default_action="kill"), "unknown action 'kill': use 'allow', 'flag' or 'block'"),
+    (lambda: Policy(actions={"Violent": "nuke"}), "unknown action 'nuke'"),
+    (lambda: Policy(actions={"Weapons": "block"}), "actions: unknown category 'Weapons'"),
+    (lambda: Policy(actions={7: "block"}), "a category is a name"),
+    (lambda: Policy(actions=["Violent"]), "actions must map categories"),
+    (lambda: Policy(block_threshold=2), r"block_threshold must be in \[0, 1\]"),
+    (lambda: Policy(block_threshold="0.5"), "block_threshold must be a number"),
+    (lambda: debounce([], "fast"), "unknown debounce rule 'fast': use 'eval' or 'report'"),
+    (lambda: Debouncer("fast"), "unknown debounce rule 'fast'"),
+    (lambda: resolve_policy("lax", None), "unknown mode 'lax'"),
+    (lambda: resolve_policy(None, {"mode": "strict"}), "policy must be a qguard.policy.Policy"),
+])
+def test_bad_policy_options_are_input_errors(make, msg):
+    with pytest.raises(InputError, match=msg) as e:
+        make()
+    assert isinstance(e.value, ValueError)  # still caught by code written for Python's bad-argument error
+
+
+def test_options_ignore_case_and_spaces():
+    p = Policy(mode=" Loose", default_action="FLAG", actions={"pii": "Allow"})
+    assert (p.mode, p.default_action, p.actions) == (Mode.LOOSE, Action.FLAG, {Category.PII: Action.ALLOW})
+    assert Debouncer("REPORT").rule is DebounceRule.REPORT
+
+
+def test_to_dict_is_one_schema_for_every_verdict():
+    full = Policy().verdict(U, [Category.VIOLENT], refusal=False, probs={"Safe": 0.1, "Unsafe": 0.9, "Controversial": 0.0},
+                            category_probs={"Violent": 1.0}, unsafe_position=3, n_tokens=9)
+    bare = Policy(mode="loose").verdict(S)
+    err = Policy().error_verdict("garbage", raw_output="Safety: ???")
+    for v in (full, bare, err):
+        d = v.to_dict()
+        assert tuple(d) == VERDICT_FIELDS  # every key, always, in one order: one schema per dataset column
+        assert json.loads(json.dumps(d)) == d
+    d = full.to_dict()
+    assert (d["action"], d["category_probs"], d["unsafe_position"], d["n_tokens"]) == ("block", {"Violent": 1.0}, 3, 9)
+    assert bare.to_dict()["unsafe_position"] is None and bare.to_dict()["mode"] == "loose"
+    assert err.to_dict()["error"] == "garbage" and err.to_dict()["binary"] == "Unsafe"

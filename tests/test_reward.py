@@ -7,7 +7,7 @@ from test_gen_engine import conversations, trained_gen_checkpoint
 
 from qguard.errors import InputError
 from qguard.policy import Category, Mode, Policy, Severity
-from qguard.reward import RewardConfig, SafetyReward, guard_only_reward, hybrid_reward, reward_fn
+from qguard.reward import RewardConfig, SafetyReward, guard_only_reward, hybrid_reward, per_pair, reward_fn
 
 P = Policy()
 
@@ -135,3 +135,39 @@ def test_a_helpfulness_score_that_is_not_a_number_is_named():
 def test_reward_config_names_a_bad_refusal_rule():
     with pytest.raises(InputError, match="penalize_refusal must be"):
         RewardConfig(penalize_refusal="never")
+
+
+def test_a_per_pair_helpfulness_scorer_is_named_or_wrapped():
+    # the call: a scorer of one pair, handed the batch, answered one number (a bare TypeError)
+    fn = reward_fn(AllSafe(), kind="hybrid", helpfulness=lambda p, c: 1.0)
+    with pytest.raises(InputError, match=r"returned float 1.0 for a batch of 2 pairs.*per_pair\(f\)"):
+        fn(["hi", "yo"], ["fine", "sure"])
+    seen = []
+
+    def one(prompt, response):  # a per-pair scorer reads a message list and a string
+        seen.append((prompt, response))
+        return len(response) / 10
+
+    fn = reward_fn(AllSafe(), kind="hybrid", helpfulness=per_pair(one))
+    assert fn(["hi", [{"role": "user", "content": "yo"}]], ["fine", "sure!"]) == [0.4, 0.5]
+    assert seen == [([{"role": "user", "content": "hi"}], "fine"), ([{"role": "user", "content": "yo"}], "sure!")]
+    batch = reward_fn(AllSafe(), kind="hybrid", helpfulness=lambda ps, rs: [len(r) / 10 for r in rs])
+    assert batch(["hi", "yo"], ["fine", "sure!"]) == [0.4, 0.5]  # the same rewards as the batch form
+
+
+def test_helpfulness_scorers_of_the_wrong_shape_get_the_expected_signature():
+    sig = r"f\(prompts, responses\) -> one number per pair"
+    with pytest.raises(InputError, match=sig):  # needs two arguments: refused before any training step
+        reward_fn(AllSafe(), kind="hybrid", helpfulness=lambda c: 1.0)
+    with pytest.raises(InputError, match=sig):
+        reward_fn(AllSafe(), kind="hybrid", helpfulness="WorldPM")
+    with pytest.raises(InputError, match=sig):
+        per_pair(lambda a, b, c: 1.0)
+    strict_text = reward_fn(AllSafe(), kind="hybrid", helpfulness=lambda p, c: float(len(c.strip())))
+    with pytest.raises(InputError, match=f"failed on a batch of 1 pair .AttributeError.*{sig}") as e:
+        strict_text(["hi"], ["fine"])
+    assert isinstance(e.value.__cause__, AttributeError)  # the scorer's own error stays attached
+    with pytest.raises(InputError, match="returned str"):
+        reward_fn(AllSafe(), kind="hybrid", helpfulness=lambda ps, rs: "0.5")(["hi"], ["fine"])
+    with pytest.raises(InputError, match="returned 1 scores for 2 pairs"):
+        reward_fn(AllSafe(), kind="hybrid", helpfulness=lambda ps, rs: [1.0])(["a", "b"], ["c", "d"])

@@ -315,7 +315,8 @@ def test_upstream_errors_keep_their_meaning(guard):
                                  base_url="http://u/v1")
     msgs = [{"role": "user", "content": "hi"}]
     r = post_chat(KeywordGuard(guard), answering(429, {"error": {"message": "slow down"}}), messages=msgs)
-    assert r.status_code == 429 and r.json()["error"] == {"type": "rate_limit_error", "message": "upstream LLM: slow down"}
+    assert r.status_code == 429 and r.json()["error"] == {"type": "rate_limit_error", "message": "upstream LLM: slow down",
+                                                         "param": None, "code": "rate_limit_exceeded"}
     r = post_chat(KeywordGuard(guard), answering(400, {"error": {"message": "max_tokens too large"}}), messages=msgs)
     assert r.status_code == 400 and "max_tokens too large" in r.json()["error"]["message"]
     r = post_chat(KeywordGuard(guard), answering(401, {"error": {"message": "bad key"}}), messages=msgs)
@@ -357,16 +358,16 @@ def test_unauthenticated_requests_learn_nothing_from_validation(guard):
     app = create_app(guard, ServeSettings(api_keys=frozenset({"k"})))
     c = TestClient(app)
     r = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_api_key"
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.json()["error"]["type"] == "invalid_request_error"  # OpenAI's own answer to a bad key
     assert c.get("/health").status_code == 200
 
 
 def test_a_dropped_client_frees_a_non_streaming_request():
     import asyncio
 
-    from fastapi import HTTPException
-
     from qguard.serve.app import until_disconnect
+    from qguard.serve.errors import APIError
 
     class Gone:
         async def is_disconnected(self):
@@ -380,9 +381,454 @@ def test_a_dropped_client_frees_a_non_streaming_request():
             await asyncio.sleep(60)
 
         work = asyncio.ensure_future(slow())
-        with pytest.raises(HTTPException) as e:
+        with pytest.raises(APIError) as e:
             await until_disconnect(Gone(), work)
         await asyncio.sleep(0)
         return e.value.status_code, work.cancelled(), started.is_set()
 
     assert asyncio.run(main()) == (499, True, True)
+
+
+# ------------------------------------------------------------------ fail closed (issue 14, defect 2)
+
+def chunks_of(deltas, finish="stop", **choice_extra):
+    """Upstream SSE chunks: one per delta, then a finish_reason chunk."""
+    out = [{"id": "up-7", "object": "chat.completion.chunk", "created": 7, "model": "m",
+            "choices": [{"index": 0, "delta": d, "finish_reason": None, **choice_extra}]} for d in deltas]
+    if finish:
+        out.append({"id": "up-7", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    return out
+
+
+class ChunkStream(httpx.AsyncByteStream):
+    """An upstream SSE body of whole chunk objects (optionally pausing before each)."""
+
+    def __init__(self, chunks, pause=0.0):
+        self.chunks, self.pause = chunks, pause
+
+    async def __aiter__(self):
+        import asyncio
+
+        for c in self.chunks:
+            if self.pause:
+                await asyncio.sleep(self.pause)
+            yield f"data: {json.dumps(c)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+
+def stream_app(g, chunks, pause=0.0, **settings):
+    up = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, stream=ChunkStream(chunks, pause))),
+                           base_url="http://u/v1")
+    return create_app(g, ServeSettings(upstream_url="http://u/v1", refusal_message="[removed]", **settings), upstream=up)
+
+
+def stream_events(app, prompt="hi"):
+    r = TestClient(app).post("/v1/chat/completions",
+                             json={"model": "m", "stream": True, "messages": [{"role": "user", "content": prompt}]})
+    assert r.status_code == 200
+    return events(r), r
+
+
+def finishes(evts):
+    return [c.get("finish_reason") for e in evts if isinstance(e, dict) for c in e.get("choices") or []
+            if c.get("finish_reason")]
+
+
+def words_answer(n=40):
+    return [f"word{i} " for i in range(n)]
+
+
+def test_a_guard_fault_mid_stream_is_an_error_event_and_nothing_unjudged(guard, monkeypatch, caplog):
+    from qguard.stream import AsyncStreamSession
+
+    judged, calls = [], []
+    real = AsyncStreamSession.push_text
+
+    async def faulty(self, delta):
+        calls.append(delta)
+        if len(calls) == 3:
+            raise RuntimeError(f"guard fault on {delta!r}")  # a message that quotes content
+        out = await real(self, delta)
+        judged.append(len("".join(calls)) - len(self.pending_text))
+        return out
+
+    monkeypatch.setattr(AsyncStreamSession, "push_text", faulty)
+    deltas = words_answer()
+    evts, _ = stream_events(stream_app(allow_all(guard), chunks_of([{"content": d} for d in deltas])))
+    errors = [e for e in evts if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1 and errors[0]["error"]["type"] == "server_error" and evts[-1] == "[DONE]"
+    assert "guard fault" not in errors[0]["error"]["message"]  # internals stay in the server log
+    assert evts.index(errors[0]) == len(evts) - 2  # the error ends the stream
+    assert "stop" not in finishes(evts) and not any("qguard" in e for e in evts if isinstance(e, dict))
+    sent = text_of(evts)
+    assert "".join(deltas).startswith(sent) and len(sent) <= judged[-1]  # only what the guard judged
+    assert "internal error RuntimeError" in caplog.text and calls[2] not in caplog.text  # no content logged
+
+
+def test_a_prompt_too_long_for_the_live_context_is_the_clients_400(guard):
+    app = stream_app(allow_all(guard), chunks_of([{"content": "x"}]), max_context=32)
+    r = TestClient(app).post("/v1/chat/completions", json={"model": "m", "stream": True, "messages": [
+        {"role": "user", "content": " ".join(f"word{i}" for i in range(40))}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_gen_guard_fault_is_an_error_event_with_nothing_sent(guard):
+    kg = KeywordGuard(guard)
+    kg.kind = __import__("qguard.checkpoint", fromlist=["Kind"]).Kind.GEN
+    real = kg.classify_messages
+
+    def faulty(messages):
+        if messages[-1]["role"] == "assistant":
+            raise RuntimeError("guard fault")
+        return real(messages)
+
+    kg.classify_messages = faulty
+    evts, _ = stream_events(stream_app(kg, chunks_of([{"content": d} for d in words_answer(5)])))
+    assert evts[-2]["error"]["type"] == "server_error" and evts[-1] == "[DONE]"
+    assert text_of(evts[:-2]) == "" and "stop" not in finishes(evts)
+
+
+@pytest.mark.parametrize("fail_on", ["user", "assistant"])
+def test_a_guard_fault_without_streaming_is_a_json_error(guard, fail_on):
+    kg = KeywordGuard(guard)
+    real = kg.classify_messages
+
+    def faulty(messages):
+        if messages[-1]["role"] == fail_on:
+            raise RuntimeError("guard fault")
+        return real(messages)
+
+    kg.classify_messages = faulty
+    r = post_chat(kg, upstream_with({"role": "assistant", "content": "fine"}), messages=[{"role": "user", "content": "hi"}])
+    assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["type"] == "server_error" and "fine" not in r.text
+
+
+# ------------------------------------------------------------------ unjudged text (defect 4)
+
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "content": None, "function_call": {"name": "write", "arguments": "{\"text\": \"BAD plan\"}"}},
+    {"role": "assistant", "content": None, "refusal": "I refuse, but here is the BAD plan"},
+    {"role": "assistant", "content": [{"type": "refusal", "refusal": "BAD plan"}]},
+    {"role": "assistant", "content": "ok", "reasoning": "the BAD plan"},
+])
+def test_legacy_function_calls_and_refusals_are_judged(guard, message):
+    d = post_chat(KeywordGuard(guard), upstream_with(message), messages=[{"role": "user", "content": "hi"}]).json()
+    assert d["qguard"]["blocked"] == "response" and "BAD" not in json.dumps(d["choices"])
+
+
+def test_fields_qguard_does_not_judge_never_reach_the_client(guard):
+    def handler(request):
+        return httpx.Response(200, json={
+            "id": "up-3", "object": "chat.completion", "created": 3, "model": "m", "x_vendor": "BAD top",
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": [{"token": "BAD"}]},
+                         "message": {"role": "assistant", "content": "fine", "audio": {"transcript": "BAD audio"},
+                                     "annotations": [{"text": "BAD note"}]}}]})
+    up = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://u/v1")
+    r = post_chat(KeywordGuard(guard), up, messages=[{"role": "user", "content": "hi"}])
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+    assert "BAD" not in r.text
+
+
+def gen_keyword_guard(guard):
+    kg = KeywordGuard(guard)
+    kg.kind = __import__("qguard.checkpoint", fromlist=["Kind"]).Kind.GEN  # buffered path: judged as one text
+    return kg
+
+
+@pytest.mark.parametrize("deltas", [
+    [{"function_call": {"name": "w", "arguments": "{\"t\": \"BA"}}, {"function_call": {"arguments": "D\"}"}}],
+    [{"refusal": "no: B"}, {"refusal": "AD"}],
+    [{"content": [{"type": "text", "text": "B"}]}, {"content": [{"type": "text", "text": "AD"}]}],
+])
+def test_streamed_function_calls_and_refusals_are_judged(guard, deltas):
+    evts, r = stream_events(stream_app(gen_keyword_guard(guard), chunks_of(deltas)))
+    assert evts[-2]["qguard"]["blocked"] == "response" and "BA" not in r.text
+
+
+def test_every_choice_of_a_chunk_is_judged(guard):
+    chunk = {"id": "up", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "fine "}}, {"index": 0, "delta": {"content": "BAD"}}]}
+    evts, r = stream_events(stream_app(gen_keyword_guard(guard), [chunk]))
+    assert evts[-2]["qguard"]["blocked"] == "response" and "BAD" not in r.text
+    evts, r = stream_events(stream_app(allow_all(guard), [chunk]))  # live: both are pushed, then released
+    assert text_of(evts) == "fine BAD"
+
+
+def test_the_live_proxy_sends_its_own_chunks_with_judged_fields_only(guard):
+    deltas = [{"role": "assistant", "content": "", "x_vendor": "zzz"},
+              {"reasoning_content": "thinking "}, {"content": "Hello", "audio": {"transcript": "zzz"}},
+              {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                               "function": {"name": "look", "arguments": "{\"q\": "}}]},
+              {"tool_calls": [{"index": 0, "function": {"arguments": "\"up\"}"}}]},
+              {"refusal": " no"}, {"function_call": {"name": "f", "arguments": "{}"}}]
+    g = allow_all(guard)
+    evts, r = stream_events(stream_app(g, chunks_of(deltas, logprobs={"content": [{"token": "zzz"}]})))
+    assert "zzz" not in r.text and "logprobs" not in r.text
+    assert all(e["id"] == "up-7" and e["created"] == 7 for e in evts if isinstance(e, dict))
+    merged: dict = {}
+    for e in evts[:-2]:
+        for c in e["choices"]:
+            for k, v in c["delta"].items():
+                if k == "tool_calls":
+                    for t in v:
+                        m = merged.setdefault(("tool", t["index"]), {"id": t.get("id"), "args": "", "name": ""})
+                        m["args"] += t["function"].get("arguments", "")
+                        m["name"] += t["function"].get("name", "")
+                elif k == "function_call":
+                    m = merged.setdefault("function_call", {"name": "", "arguments": ""})
+                    for kk, vv in v.items():
+                        m[kk] += vv
+                elif k != "role":
+                    merged[k] = merged.get(k, "") + v
+    assert merged == {"reasoning_content": "thinking ", "content": "Hello", "refusal": " no",
+                      ("tool", 0): {"id": "call_1", "args": "{\"q\": \"up\"}", "name": "look"},
+                      "function_call": {"name": "f", "arguments": "{}"}}
+    assert finishes(evts) == ["stop"] and evts[-3]["choices"][0]["finish_reason"] == "stop"
+    # everything the client got was judged: the live verdict covers every pushed field
+    judged = "thinking Hello" + "look{\"q\": \"up\"}" + " no" + "f{}"
+    offline = g.classify_response("hi", judged)
+    assert evts[-2]["qguard"]["response"]["label"] == offline.label.value
+    assert evts[-2]["qguard"]["response"]["n_tokens"] > evts[-2]["qguard"]["prompt"]["n_tokens"]
+
+
+@pytest.fixture(scope="module")
+def unsafe_answer_guard(tiny_stream, tmp_path_factory):
+    """The tiny model with both heads' norms zeroed (uniform scores: argmax is index 0) and index 0 of the
+    response head named Unsafe: every prompt is Safe, every answer token Unsafe."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("unsafe_answer") / "ck"
+    shutil.copytree(tiny_stream, d)
+    sd = load_file(str(d / "model.safetensors"))
+    sd["query_risk_level_category_layernorm.weight"].zero_()
+    sd["risk_level_category_layernorm.weight"].zero_()
+    save_file(sd, str(d / "model.safetensors"))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["response_risk_level_map"] = {"0": "Unsafe", "1": "Safe", "2": "Controversial"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return Guard.from_pretrained(d)
+
+
+# no punctuation, no spaces: one pre-tokenizer chunk, which the incremental tokenizer holds to the end
+CHINESE = "我来告诉你怎样一步一步地完成这件事情首先你需要准备很多材料然后按照下面的步骤慢慢地去做" * 2
+
+
+def test_the_uncommitted_tail_is_held_until_judged(unsafe_answer_guard):
+    g = unsafe_answer_guard
+    assert not g.classify_prompt("hi").blocked and g.classify_response("hi", CHINESE).blocked
+    deltas = [{"content": CHINESE[i:i + 8]} for i in range(0, len(CHINESE), 8)]
+    evts, r = stream_events(stream_app(g, chunks_of(deltas)))
+    assert text_of(evts) == "[removed]" and finishes(evts) == ["content_filter"]  # no "stop", no answer text
+    assert CHINESE[:2] not in r.text
+
+
+def test_the_finish_reason_follows_the_judged_tail(guard):
+    g = allow_all(guard)
+    deltas = [{"content": CHINESE[i:i + 8]} for i in range(0, len(CHINESE), 8)]
+    evts, _ = stream_events(stream_app(g, chunks_of(deltas)))
+    stop = next(i for i, e in enumerate(evts) if isinstance(e, dict) and finishes([e]) == ["stop"])
+    assert text_of(evts[:stop]) == CHINESE and text_of(evts[stop:]) == ""
+    assert evts[-2]["qguard"]["response"]["label"] == g.classify_response("hi", CHINESE).label.value
+
+
+def test_release_cursor_releases_exactly_the_judged_prefix():
+    import random
+
+    from qguard.serve.stream_proxy import DeltaWriter, ReleaseCursor
+
+    rnd = random.Random(0)
+    for _ in range(200):
+        cur, writer, pushed, got = ReleaseCursor(), DeltaWriter(), "", {}
+        for _ in range(rnd.randint(1, 8)):
+            pieces = [((rnd.choice(["content", "refusal"]),), "".join(rnd.choice("ab ") for _ in range(rnd.randint(1, 5))))
+                      for _ in range(rnd.randint(1, 3))]
+            pushed += cur.add(pieces)
+            judged = rnd.randint(cur.released, len(pushed))
+            for path, text in cur.release(judged):
+                got[path[0]] = got.get(path[0], "") + text
+            assert cur.released == judged and sum(map(len, got.values())) == judged
+        cur.release(len(pushed))
+        assert cur.held == 0 and writer.delta([(("content",), "x")])["role"] == "assistant"
+
+
+# ------------------------------------------------------------------ smaller server defects (defect 7)
+
+class CountingGuard(KeywordGuard):
+    def __init__(self, guard):
+        super().__init__(guard)
+        self.calls = 0
+
+    def classify_messages(self, messages):
+        self.calls += 1
+        return super().classify_messages(messages)
+
+
+def test_request_bodies_over_the_limit_are_refused_before_they_are_read(guard):
+    g = CountingGuard(guard)
+    app = create_app(g, ServeSettings(upstream_url="http://u/v1", max_request_bytes=2000),
+                     upstream=upstream_with({"role": "assistant", "content": "x"}))
+    c = TestClient(app)
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}
+    r = c.post("/v1/chat/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+    def chunked():  # no content-length: counted as it is read
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 500):
+            yield data[i:i + 500]
+    r = c.post("/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert g.calls == 0
+    assert c.post("/v1/moderate", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+
+
+def test_an_answer_longer_than_the_guards_context_is_a_server_error(guard):
+    g = allow_all(guard)
+    g.max_len = 48  # the prompt fits, the answer does not
+    long = " ".join(f"word{i}" for i in range(80))
+    r = post_chat(g, upstream_with({"role": "assistant", "content": long}), messages=[{"role": "user", "content": "hi"}])
+    assert r.status_code == 502 and r.json()["error"]["type"] == "server_error"
+    assert r.json()["error"]["code"] == "guard_context_exceeded" and "word1" not in r.text
+
+
+def test_a_streamed_answer_longer_than_the_live_context_is_a_server_error(guard):
+    deltas = words_answer(60)
+    evts, _ = stream_events(stream_app(allow_all(guard), chunks_of([{"content": d} for d in deltas]), max_context=48))
+    assert evts[-2]["error"]["type"] == "server_error" and evts[-2]["error"]["code"] == "guard_context_exceeded"
+    assert "stop" not in finishes(evts) and "".join(deltas).startswith(text_of(evts[:-2]))
+
+
+def test_upstream_timeouts_are_504_with_openai_shape(guard):
+    def slow(request):
+        raise httpx.ReadTimeout("slow", request=request)
+    up = httpx.AsyncClient(transport=httpx.MockTransport(slow), base_url="http://u/v1")
+    r = post_chat(allow_all(guard), up, messages=[{"role": "user", "content": "hi"}])
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    up = httpx.AsyncClient(transport=httpx.MockTransport(slow), base_url="http://u/v1")
+    evts = events(post_chat(allow_all(guard), up, stream=True, messages=[{"role": "user", "content": "hi"}]))
+    assert evts[0]["error"]["code"] == "upstream_timeout" and evts[-1] == "[DONE]"
+
+
+def test_keep_alive_comments_while_the_upstream_is_slow(guard):
+    app = stream_app(allow_all(guard), chunks_of([{"content": "Hello"}, {"content": " there"}]), pause=0.3,
+                     keepalive_s=0.02)
+    evts, r = stream_events(app)
+    assert ": keep-alive\n\n" in r.text and text_of(evts) == "Hello there"
+
+
+def test_health_names_the_model_without_its_path(guard, tiny_stream):
+    c = client(guard)
+    h = c.get("/health").json()
+    assert h["model"] == tiny_stream.name and str(tiny_stream.parent) not in json.dumps(h)
+    m = c.post("/v1/moderate", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert m["model"] == tiny_stream.name
+
+
+def test_docs_pages_are_off_unless_asked_for(guard):
+    c = client(guard)
+    assert [c.get(p).status_code for p in ("/docs", "/redoc", "/openapi.json")] == [404, 404, 404]
+    assert client(guard, docs=True).get("/openapi.json").status_code == 200
+
+
+def test_qguard_replies_have_real_ids_and_times(guard):
+    import re
+    import time
+
+    c = client(KeywordGuard(guard))
+    t0 = int(time.time())
+    a, b = (c.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "BAD"}]}).json()
+            for _ in range(2))
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{32}", a["id"]) and a["id"] != b["id"]
+    assert t0 <= a["created"] <= int(time.time())
+    s = events(c.post("/v1/chat/completions", json={"model": "m", "stream": True,
+                                                    "messages": [{"role": "user", "content": "BAD"}]}))[0]
+    assert s["id"].startswith("chatcmpl-") and s["id"] != "chatcmpl-qguard" and s["created"] >= t0
+
+
+def test_no_tokenization_on_the_event_loop_for_a_huge_upstream_chunk(guard, monkeypatch):
+    import asyncio
+    import inspect
+
+    import qguard.incremental
+    import qguard.stream
+    import qguard.tokenizer
+
+    on_loop, off_loop = [], []
+
+    def watch(fn):
+        def wrapped(*a, **kw):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(fn.__name__)
+            except RuntimeError:
+                off_loop.append(fn.__name__)
+            return fn(*a, **kw)
+        return wrapped
+
+    for mod in (qguard.tokenizer, qguard.incremental, qguard.stream):  # every way in to the tokenizer
+        for name, fn in list(vars(mod).items()):
+            if inspect.isfunction(fn) and (name.startswith("encode") or name in ("render_chat", "chat_ids",
+                                                                                 "stream_layout", "prepare_chat")):
+                monkeypatch.setattr(mod, name, watch(fn))
+    huge = "word " * 200_000  # 1 MB in one chunk: far past the live context
+    evts, _ = stream_events(stream_app(allow_all(guard), chunks_of([{"content": huge}]), max_context=256))
+    assert off_loop and on_loop == []
+    assert evts[-2]["error"]["code"] == "guard_context_exceeded" and text_of(evts[:-2]) == ""
+
+
+# ------------------------------------------------------------------ HTTP errors and verdicts (defect 8)
+
+def test_http_errors_use_openai_types(guard):
+    c = client(guard)
+    cases = [c.post("/v1/moderate", json={"messages": [{"role": "user", "content": "   "}]}),
+             c.post("/v1/moderate", json={"messages": []}),
+             c.post("/v1/chat/completions", json={"model": "m", "n": 3, "messages": [{"role": "user", "content": "hi"}]}),
+             c.get("/nowhere"),
+             TestClient(create_app(allow_all(guard), ServeSettings())).post(
+                 "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})]
+    openai_types = {"invalid_request_error", "rate_limit_error", "server_error", "service_unavailable_error"}
+    for r in cases:
+        err = r.json()["error"]
+        assert err["type"] in openai_types and set(err) >= {"message", "type", "param", "code"}, err
+    assert cases[0].json()["error"]["type"] == "invalid_request_error"  # an InputError, not "InputError"
+
+
+def test_http_verdicts_are_verdict_to_dict(guard):
+    r = client(guard).post("/v1/moderate", json={"messages": [{"role": "user", "content": "How do I make a bomb?"}]})
+    direct = guard.classify_prompt("How do I make a bomb?").to_dict()
+    got = r.json()["verdict"]
+    assert set(got) == set(direct)
+    for k, v in direct.items():
+        assert got[k] == (pytest.approx(v) if isinstance(v, (dict, float)) else v), k
+
+
+def test_serve_flags_reach_the_settings(monkeypatch, tiny_stream):
+    import uvicorn
+
+    from qguard.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert main(["serve", "-m", str(tiny_stream), "--upstream-timeout", "7.5", "--keepalive", "3",
+                 "--max-request-bytes", "1000", "--docs"]) == 0
+    s = seen["app"].state.settings
+    assert (s.upstream_timeout_s, s.keepalive_s, s.max_request_bytes, s.docs) == (7.5, 3.0, 1000, True)
+
+
+def test_serve_warns_when_it_serves_the_starter_model(monkeypatch, caplog):
+    import logging
+
+    import uvicorn
+
+    from qguard.cli import main
+
+    monkeypatch.delenv("QGUARD_MODEL", raising=False)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    with caplog.at_level(logging.WARNING, logger="qguard.serve"):
+        assert main(["serve"]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("starter" in m and "--model" in m and "QGUARD_MODEL" in m for m in warned), warned

@@ -126,6 +126,55 @@ def test_engine_capacity_errors_are_clear(loaded):
         StreamEngine(loaded[0], max_context=10**9)
 
 
+def test_slot_released_during_a_run_is_freed_after_its_collection(loaded):
+    """`release_later` (an event loop closing a session while another thread runs the engine) never
+    frees a slot in the middle of a run: the run still collects its rows, and the slot is free after."""
+    eng = StreamEngine(loaded[0], max_sessions=3, max_context=64, prefill_chunk=4)
+    a, b = eng.allocate(), eng.allocate()
+    rng = random.Random(4)
+    eng.submit(a, random_ids(rng, 9))  # three forwards at prefill_chunk 4
+    eng.submit(b, random_ids(rng, 1))
+    eng.step()
+    eng.release_later(a)  # between two steps of one run
+    out = eng.run_packed()
+    assert set(out.rows) == {a, b} and out.rows[a][1] - out.rows[a][0] == 9
+    assert a in eng.free_slots and eng.active == 1
+
+
+def test_failed_run_rolls_every_slot_back(loaded):
+    """A forward that raises mid-run leaves every slot as it was before the run (pending tokens and
+    outputs of earlier forwards of the run dropped), so the next run is exact."""
+    model = loaded[0]
+    eng = StreamEngine(model, max_sessions=3, max_context=64, prefill_chunk=4)
+    a, b = eng.allocate(), eng.allocate()
+    rng = random.Random(6)
+    seqs = {a: random_ids(rng, 3), b: random_ids(rng, 2)}
+    for slot, ids in seqs.items():
+        eng.submit(slot, ids)
+    eng.run()
+    forward, calls = eng._forward, []
+
+    def flaky(group, T):
+        calls.append(T)
+        if len(calls) == 2:
+            raise RuntimeError("device fault")
+        return forward(group, T)
+
+    eng._forward = flaky
+    eng.submit(a, random_ids(rng, 7))  # two forwards: the first one succeeds
+    eng.submit(b, random_ids(rng, 1))
+    with pytest.raises(RuntimeError, match="device fault"):
+        eng.run_packed()
+    assert (eng.length(a), eng.length(b)) == (3, 2) and eng.chunks == []
+    eng._forward = forward
+    more = {a: random_ids(rng, 5), b: random_ids(rng, 2)}
+    for slot, ids in more.items():
+        eng.submit(slot, ids)
+    out = eng.run()
+    refs = score_sequences(model, [seqs[a] + more[a], seqs[b] + more[b]])
+    assert max_diff(out[a], refs[0], 3, 8) < TOL and max_diff(out[b], refs[1], 2, 4) < TOL
+
+
 # ----------------------------------------------------------------------------------------- sessions
 
 def conversation(rng: random.Random) -> list[dict]:
@@ -584,8 +633,14 @@ def test_text_is_content_even_when_it_spells_a_special_token(loaded, tiny_stream
         got = s.push_text(answer[:30]) + s.push_text(answer[30:]) + s.flush()
         final = s.finish()
     assert [v.token_id for v in got] == [t.token_id for t in trace.tokens]
-    assert IM_END in [v.token_id for v in got]
+    assert IM_END not in [v.token_id for v in got]  # content is text (issue 14): no control token at all
     assert (final.label, final.unsafe_position) == (trace.response.label, trace.response.unsafe_position)
+    # official_special_tokens (unsafe): the strings become control tokens, and still do not end the turn
+    official = Guard.from_pretrained(tiny_stream, device="cpu", official_special_tokens=True)
+    with official.open_stream(user) as s:
+        got = s.push_text(answer[:30]) + s.push_text(answer[30:]) + s.flush()
+    assert [v.token_id for v in got] == [t.token_id for t in official.stream_trace(user, answer).tokens]
+    assert IM_END in [v.token_id for v in got]
 
 
 def test_session_refuses_pushes_after_close_or_finish(loaded):

@@ -7,9 +7,10 @@ Written against vLLM's documented offline API (`vllm.LLM(model, enable_prefix_ca
 generated token)). vLLM cannot be installed on the machines this was written on (no GPU): the tests
 run this code against a fake object implementing exactly that documented interface, not a real vLLM.
 
-Prompts are rendered and tokenized by qguard (byte-exact guard template), so vLLM sees the same ids as
-the torch engine; the fixed instruction header is the same for every request of a moderation target,
-which is what vLLM's prefix cache reuses. Answers are parsed with the same strict parser.
+Prompts are rendered and tokenized by qguard (byte-exact guard template, message content as text:
+`qguard.model.gen.guard_prompt_ids`), so vLLM sees the same ids as the torch engine and never renders or
+tokenizes a prompt itself; the fixed instruction header is the same for every request of a moderation
+target, which is what vLLM's prefix cache reuses. Answers are parsed with the same strict parser.
 
 Probabilities: vLLM returns only the top-k logprobs per position (k = `logprobs`, vLLM's default cap
 is 20). Severity / category / refusal probabilities are the softmax over the label tokens found in
@@ -46,12 +47,12 @@ from qguard.model.gen import (
     SAFETY,
     SEVERITY_FIRST_TOKEN,
     ParseError,
+    guard_prompt_ids,
     moderation_target,
     parse_answer,
-    render_with_tokenizer,
 )
 from qguard.policy import Mode, Policy, Verdict
-from qguard.tokenizer import ENDOFTEXT, IM_END, Message, check_turn, encode
+from qguard.tokenizer import ENDOFTEXT, IM_END, Message, check_turn
 
 
 def _import_vllm():
@@ -67,10 +68,12 @@ class VLLMGenBackend:
 
     def __init__(self, llm: Any, name: str, tokenizer: Any = None, policy: Policy | None = None,
                  max_new_tokens: int = GEN_MAX_NEW_TOKENS, logprobs: int = 20, max_model_len: int | None = None,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, official_special_tokens: bool = False):
         if calibration is not None and calibration.kind != "gen":
             raise InputError(f"this calibration was fitted for a {calibration.kind} model, not a gen model")
         self.llm, self.name, self.calibration = llm, name, calibration
+        # content is text, as in Guard; True (unsafe for untrusted input): the official tokenization
+        self.official_special_tokens = official_special_tokens
         self.temperature = calibration.temperature["prompt"] if calibration else 1.0
         self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
         self.policy = policy or Policy()
@@ -83,17 +86,19 @@ class VLLMGenBackend:
     @classmethod
     def from_pretrained(cls, name: str, *, mode: Mode | str = Mode.STRICT, max_new_tokens: int = GEN_MAX_NEW_TOKENS,
                         logprobs: int = 20, calibration: Calibration | str | os.PathLike | bool | None = None,
-                        **llm_kwargs: Any) -> VLLMGenBackend:
+                        official_special_tokens: bool = False, **llm_kwargs: Any) -> VLLMGenBackend:
         """Start vLLM on `name` (hub id or directory) with prefix caching on; llm_kwargs go to vllm.LLM.
 
-        `calibration` as in `Guard.from_pretrained` (default: the directory's qguard_calibration.json)."""
+        `calibration` and `official_special_tokens` as in `Guard.from_pretrained` (default: the
+        directory's qguard_calibration.json; message content tokenized as text)."""
         cal = resolve(Path(name), calibration)  # a hub id has no local file: None unless one is passed
         vllm = _import_vllm()
         llm_kwargs.setdefault("enable_prefix_caching", True)
         llm_kwargs.setdefault("max_logprobs", max(20, logprobs))  # vLLM refuses more than this per request
         llm = vllm.LLM(model=name, **llm_kwargs)
         return cls(llm, name, policy=Policy(mode=Mode(mode)), max_new_tokens=max_new_tokens, logprobs=logprobs,
-                   max_model_len=llm_kwargs.get("max_model_len"), calibration=cal)
+                   max_model_len=llm_kwargs.get("max_model_len"), calibration=cal,
+                   official_special_tokens=official_special_tokens)
 
     def sampling_params(self):
         vllm = _import_vllm()
@@ -102,7 +107,8 @@ class VLLMGenBackend:
 
     def prepare(self, messages: Sequence[Message]) -> tuple[list[int], str]:
         messages = check_turn(messages)  # the same conversations as Guard takes (no empty or system-last turn)
-        ids = encode(self.tokenizer, render_with_tokenizer(self.tokenizer, messages))
+        _, ids = guard_prompt_ids(self.tokenizer, messages,
+                                  official_special_tokens=self.official_special_tokens)
         if len(ids) + self.max_new_tokens > self.max_model_len:
             raise InputError(f"conversation is {len(ids)} tokens; with {self.max_new_tokens} answer tokens it "
                              f"exceeds the context of {self.max_model_len} tokens (qguard does not truncate)")

@@ -8,9 +8,11 @@ import logging
 import os
 import pkgutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from qguard.errors import QGuardError
+from qguard.errors import CheckpointError, QGuardError
 
 MODEL_ENV = "QGUARD_MODEL"
 
@@ -99,13 +101,23 @@ def output_dir(path: str | os.PathLike, what: str) -> Path:
     return out
 
 
-def add_model_args(p: argparse.ArgumentParser, mode: bool = True, calibration: bool = True) -> None:
-    """--model, --device, --dtype, and --mode / --calibration for the commands whose output they change."""
+QUANTIZE_CHOICES = ("int8", "int8-weight")  # qguard.model.quant.SCHEMES (not imported here: no torch at parse time)
+
+
+def add_model_args(p: argparse.ArgumentParser, mode: bool = True, calibration: bool = True,
+                   quantize: bool = True) -> None:
+    """--model, --device, --dtype, --quantize, and --mode / --calibration for the commands whose output
+    they change."""
     p.add_argument("--model", "-m", default=None,
                    help=f"checkpoint directory or hub id (default: ${MODEL_ENV}, else the embedded starter model)")
     p.add_argument("--device", default=None, type=device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on GPU")
+    if quantize:
+        p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                       help="CPU only: int8 weights for the decoder's projections (int8: int8 activations too, "
+                            "fastest; int8-weight: bf16 activations). Check the agreement with full precision on "
+                            "your data first: `qguard check-precision`")
     if mode:
         p.add_argument("--mode", default="strict", choices=["strict", "loose"],
                        help="strict: Controversial counts as Unsafe; loose: as Safe")
@@ -113,6 +125,10 @@ def add_model_args(p: argparse.ArgumentParser, mode: bool = True, calibration: b
         p.add_argument("--calibration", default=None, metavar="FILE|none",
                        help="temperatures from `qguard calibrate` (default: the checkpoint's qguard_calibration.json "
                             "if it has one; 'none': raw probabilities). Labels never change, only probabilities.")
+    p.add_argument("--official-special-tokens", action="store_true",
+                   help="UNSAFE for untrusted input: read '<|im_end|>', '<|im_start|>', '<think>' ... written in "
+                        "message text as control tokens, exactly as the official tokenizer does, so such text can "
+                        "forge conversation turns (default: message text is tokenized as text)")
 
 
 def calibration_arg(args: argparse.Namespace):
@@ -133,11 +149,28 @@ def model_name(args: argparse.Namespace) -> str:
     return str(path)
 
 
+@contextmanager
+def model_source(args: argparse.Namespace) -> Iterator[None]:
+    """Around a model load: a checkpoint error names ${MODEL_ENV} when the model came from it, since
+    the user did not type that name in this command."""
+    try:
+        yield
+    except CheckpointError as e:
+        env = os.environ.get(MODEL_ENV)
+        if getattr(args, "model", None) is None and env:
+            raise CheckpointError(f"{e} (no --model was given: {env!r} is the value of ${MODEL_ENV}; pass --model "
+                                  f"or change ${MODEL_ENV})") from None
+        raise
+
+
 def load_guard(args: argparse.Namespace):
     from qguard.guard import Guard
 
-    return Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype,
-                                 mode=getattr(args, "mode", None), calibration=calibration_arg(args))
+    with model_source(args):
+        return Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype,
+                                     mode=getattr(args, "mode", None), calibration=calibration_arg(args),
+                                     quantize=getattr(args, "quantize", None),
+                                     official_special_tokens=getattr(args, "official_special_tokens", False))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from qguard.cli import add_model_args, calibration_arg, model_name, positive_int
+from qguard.cli import add_model_args, calibration_arg, model_name, model_source, positive_int
+from qguard.errors import InputError
 
 
 def register(sub) -> None:
@@ -15,8 +16,10 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("input", help="input file (.jsonl, .json: an array or JSON Lines, .csv or .parquet)")
     p.add_argument("-o", "--output", required=True, help="output file; its extension picks the format")
-    p.add_argument("--messages-field", default="messages",
-                   help="field holding a list of {role, content} (default: messages, the shared data schema)")
+    p.add_argument("--messages-field",
+                   help="field holding a list of {role, content}, the last of which is judged (default: each row's "
+                        "`messages` or `conversation` list, else its `prompt` and `response` fields; a row with "
+                        "both a list and prompt/response is read from the list)")
     p.add_argument("--prompt-field", help="field holding the user prompt (instead of --messages-field)")
     p.add_argument("--response-field", help="with --prompt-field: field holding the assistant response to judge")
     p.add_argument("--filter", choices=["safe", "unsafe"],
@@ -35,15 +38,21 @@ def register(sub) -> None:
 def load_classifier(args: argparse.Namespace):
     name = model_name(args)
     budget = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
-    if args.backend == "vllm":
-        from qguard.backends.vllm import VLLMGenBackend
+    with model_source(args):
+        if args.backend == "vllm":
+            from qguard.backends.vllm import VLLMGenBackend
 
-        return VLLMGenBackend.from_pretrained(name, mode=args.mode, **budget,
-                                              calibration=calibration_arg(args))
-    from qguard.guard import Guard
+            if args.quantize:
+                raise InputError("--quantize is a CPU option of the torch backend; vLLM runs the checkpoint's weights")
 
-    return Guard.from_pretrained(name, device=args.device, dtype=args.dtype, mode=args.mode,
-                                 calibration=calibration_arg(args), **budget)
+            return VLLMGenBackend.from_pretrained(name, mode=args.mode, **budget,
+                                                  calibration=calibration_arg(args),
+                                                  official_special_tokens=args.official_special_tokens)
+        from qguard.guard import Guard
+
+        return Guard.from_pretrained(name, device=args.device, dtype=args.dtype, mode=args.mode,
+                                     calibration=calibration_arg(args), quantize=args.quantize,
+                                     official_special_tokens=args.official_special_tokens, **budget)
 
 
 def run_annotate(args: argparse.Namespace) -> int:
@@ -64,4 +73,8 @@ def run_annotate(args: argparse.Namespace) -> int:
         if summary.errors:
             shown = ", ".join(map(str, summary.error_rows)) + (", ..." if summary.errors > len(summary.error_rows) else "")
             print(f"{summary.errors} bad rows (rows {shown}); reasons in {summary.errors_file}", file=sys.stderr)
+    if summary.all_failed:  # nothing was judged: almost surely the wrong file or field names, not a result
+        reasons = "; ".join(f"{n} x {why}" for why, n in summary.error_reasons.items())
+        raise InputError(f"every one of the {summary.rows} rows failed, nothing was judged ({reasons}); "
+                         f"see {summary.errors_file}")
     return 0

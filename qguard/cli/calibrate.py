@@ -7,13 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from qguard.cli import add_model_args, model_name, output_file, positive_int
+from qguard.cli import add_model_args, model_name, model_source, output_file, positive_int
 
 
 def register(sub) -> None:
     p = sub.add_parser("calibrate", help="fit the temperatures that make a guard's P(unsafe) calibrated, "
                                          "on labelled JSONL rows (labels never change, only probabilities)")
-    add_model_args(p, mode=False, calibration=False)  # fits strict P(unsafe) of the raw model
+    # fits strict P(unsafe) of the raw, full-precision model: the file is read by every later load of it
+    add_model_args(p, mode=False, calibration=False, quantize=False)
     p.add_argument("--data", nargs="+", required=True,
                    help="JSONL files or folders of *.jsonl in the canonical schema (prompt and/or response rows); "
                         "use data the model was not trained on")
@@ -49,7 +50,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         rng = random.Random(args.seed)
         rows = [r for task in ("prompt", "response") for r in _sample([x for x in rows if x.task == task], args.limit, rng)]
     old = Calibration.load(out) if out.is_file() else None  # read first: a broken file fails before the fit
-    guard = Guard.from_pretrained(name, device=args.device, dtype=args.dtype, calibration=False)
+    with model_source(args):
+        guard = Guard.from_pretrained(name, device=args.device, dtype=args.dtype, calibration=False,
+                                      official_special_tokens=args.official_special_tokens)
     cal = fit(guard, rows, holdout=args.holdout, seed=args.seed)
     if old is not None and old.kind == cal.kind == "stream":  # a head with no rows here keeps its temperature
         kept = [t for t in TASKS if t not in cal.report["fitted"]]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qguard.cli import add_model_args, load_guard
 from qguard.errors import InputError
+from qguard.policy import Verdict
 
 
 def register(sub) -> None:
@@ -82,12 +83,17 @@ def human(v) -> str:
     return " | ".join(parts)
 
 
+def verdict_json(v: Verdict, model: str) -> dict:
+    """A verdict as every JSON output prints it: `Verdict.to_dict()` and the model that gave it."""
+    return {**v.to_dict(), "model": model}
+
+
 def run_classify(args: argparse.Namespace) -> int:
     msgs = conversation(args)
     guard = load_guard(args)
     v = guard.classify_messages(msgs)
     if args.json:
-        print(json.dumps({**v.to_dict(), "model": guard.name}, ensure_ascii=False))
+        print(json.dumps(verdict_json(v, guard.name), ensure_ascii=False))
     else:
         print(human(v))
     return 0
@@ -99,15 +105,14 @@ COLOURS = {"Safe": "green", "Unsafe": "red", "Controversial": "yellow"}
 def run_trace(args: argparse.Namespace) -> int:
     guard = load_guard(args)
     trace = guard.stream_trace(args.prompt, args.response)
-    if args.json:
+    if args.json:  # JSON lines: {"prompt": verdict}, one line per answer token, {"verdict": response verdict}
         out = sys.stdout
-        out.write(json.dumps({"prompt": {"probs": trace.prompt.probs, "label": trace.prompt.label.value,
-                                         "categories": [c.value for c in trace.prompt.categories]}},
-                             ensure_ascii=False) + "\n")
+        out.write(json.dumps({"prompt": verdict_json(trace.prompt, guard.name)}, ensure_ascii=False) + "\n")
         for t in trace.tokens:
             out.write(json.dumps({"token_id": t.token_id, "text": t.text, "probs": t.probs,
                                   "category_probs": t.category_probs, "label": t.label.value},
                                  ensure_ascii=False) + "\n")
+        out.write(json.dumps({"verdict": verdict_json(trace.response, guard.name)}, ensure_ascii=False) + "\n")
         return 0
     from rich.console import Console
     from rich.text import Text

@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from qguard.cli import add_model_args, calibration_arg, model_name, output_dir, output_file, positive_int
+from qguard.cli import (
+    add_model_args,
+    calibration_arg,
+    model_name,
+    model_source,
+    output_dir,
+    output_file,
+    positive_int,
+)
 
 SUITE_CHOICES = ("english-prompt", "english-response", "multilingual", "chinese", "stream", "all")
 
@@ -43,8 +51,10 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
     cfg = EvalConfig(data=Path(args.data), suite=args.suite, limit=args.limit, batch_size=args.batch_size,
                      progress=not args.quiet)
     data = load_data(cfg)  # a bad --data, --suite or JSONL line fails before the model loads
-    guard = Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype,
-                                  max_new_tokens=args.max_new_tokens, calibration=calibration_arg(args))
+    with model_source(args):
+        guard = Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype,
+                                      max_new_tokens=args.max_new_tokens, calibration=calibration_arg(args),
+                                      quantize=args.quantize, official_special_tokens=args.official_special_tokens)
     rows, results = run_eval(guard, cfg, data)
     written = write_outputs(out, rows, results, plots=not args.no_plots)
     _print_summary(results)

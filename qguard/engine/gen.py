@@ -44,9 +44,9 @@ from qguard.model.gen import (
     GenAnswer,
     GenGuardModel,
     ParseError,
+    guard_prompt_ids,
     moderation_target,
     parse_answer,
-    render_with_tokenizer,
 )
 from qguard.model.qwen3 import additive_mask
 from qguard.policy import Category
@@ -218,10 +218,12 @@ class GenEngine:
     """Greedy Gen answers for many conversations at once (see the module docstring)."""
 
     def __init__(self, model: GenGuardModel, tokenizer, max_new_tokens: int = GEN_MAX_NEW_TOKENS, max_batch: int = 32,
-                 batch_tokens: int = 16384):
+                 batch_tokens: int = 16384, official_special_tokens: bool = False):
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        # message content is text unless this (unsafe for untrusted input) asks for the official ids
+        self.official_special_tokens = official_special_tokens
         self.max_batch, self.batch_tokens = max_batch, batch_tokens
         self.device = next(model.parameters()).device
         self.max_len = model.config.max_position_embeddings
@@ -240,8 +242,7 @@ class GenEngine:
         """Render and tokenize one conversation; raises InputError for anything that cannot run."""
         messages = check_messages(messages)
         target = moderation_target(messages)
-        text = render_with_tokenizer(self.tokenizer, messages)
-        ids = encode(self.tokenizer, text)
+        text, ids = guard_prompt_ids(self.tokenizer, messages, official_special_tokens=self.official_special_tokens)
         if len(ids) + self.max_new_tokens > self.max_len:
             raise InputError(
                 f"conversation is {len(ids)} tokens; with {self.max_new_tokens} answer tokens it exceeds the "

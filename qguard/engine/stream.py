@@ -107,7 +107,10 @@ class StreamEngine:
     """Serve many Qwen3Guard-Stream sessions from one model with a bounded, preallocated KV cache.
 
     Thread-safe: every public method takes the engine lock, so sync callers on several threads and the
-    asyncio step loop can share one engine.
+    asyncio step loop can share one engine. `release_later` is the one exception (no lock, for event
+    loops and finalizers); a slot released that way is freed only when no run can still use it: at the
+    end of a run (after its outputs are collected), at `free_released`, `allocate` or `active`, never
+    between a `submit` and the collection of its outputs.
     """
 
     def __init__(self, model: StreamGuardModel, max_sessions: int = 8, max_context: int = 2048,
@@ -145,7 +148,7 @@ class StreamEngine:
         self.n_rows = 0  # rows in `chunks`
         self.slots: dict[int, _Slot] = {}
         self.free_slots = list(range(max_sessions))
-        self.released: deque[int] = deque()  # slots dropped by garbage collection, freed at the next call
+        self.released: deque[int] = deque()  # slots closed without the lock, freed when no run uses them
         self.lock = threading.RLock()
         self.stats = EngineStats()
 
@@ -177,8 +180,14 @@ class StreamEngine:
                 self.free_slots.append(slot)
 
     def release_later(self, slot: int) -> None:
-        """Free `slot` at the next engine call. Safe from finalizers (never takes the lock)."""
+        """Free `slot` once no run uses it (see the class doc). Never takes the lock: safe from an event
+        loop while a run is in progress on another thread, and from finalizers."""
         self.released.append(slot)
+
+    def free_released(self) -> None:
+        """Free the slots given to `release_later` (the caller's run, if any, is over)."""
+        with self.lock:
+            self._drain_released()
 
     def _drain_released(self) -> None:
         while self.released:
@@ -232,11 +241,30 @@ class StreamEngine:
         return {slot: out.heads(slot) for slot in out.rows}
 
     def run_packed(self) -> PackedProbs:
-        """Like `run`, but every slot's outputs in one packed tensor (no per-session tensor ops)."""
+        """Like `run`, but every slot's outputs in one packed tensor (no per-session tensor ops).
+
+        If a forward fails, the run is rolled back (`abort`) and the error raised: every slot is as it was
+        before the tokens pending at the start of the run were submitted."""
         with self.lock:
-            while self.step():
-                pass
-            return self._collect()
+            try:
+                while self.step():
+                    pass
+                out = self._collect()
+            except BaseException:
+                self.abort()
+                raise
+            self._drain_released()  # after the collection: a slot released mid-run still got its rows
+            return out
+
+    def abort(self) -> None:
+        """Drop every pending token and every output not collected yet; slots go back to the length they
+        had at the last collection (the cache positions past it are never read, and get overwritten)."""
+        with self.lock:
+            for s in self.slots.values():
+                s.length -= sum(b - a for a, b in s.out)
+                s.out.clear()
+                s.pending.clear()
+            self.chunks, self.n_rows = [], 0
 
     def _collect(self) -> PackedProbs:
         """The outputs of the steps since the last collection, each slot's rows made consecutive."""
@@ -269,9 +297,9 @@ class StreamEngine:
         return PackedProbs(probs.index_select(0, _long(order)), rows, self.head_sizes)
 
     def step(self) -> bool:
-        """One scheduling step over all sessions with pending tokens; False if there was nothing to do."""
+        """One scheduling step over all sessions with pending tokens; False if there was nothing to do.
+        (Released slots are not freed here: a run in progress may still read their outputs.)"""
         with self.lock:
-            self._drain_released()
             chunk = self.prefill_chunk
             groups: dict[int, list[_Row]] = {1: []}
             decode = groups[1]

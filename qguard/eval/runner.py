@@ -63,8 +63,10 @@ def _latency(guard, sample: Sample, v: Verdict, is_stream: bool) -> dict | None:
     """Gold token span and bin of one gold-Unsafe row with a span (Stream checkpoints only)."""
     if not (is_stream and sample.label == M.UNSAFE and sample.unsafe_span):
         return None
+    official = getattr(guard, "official_special_tokens", False)  # tokenize the answer as the guard did
     try:
-        s, e = span_to_tokens(guard.tokenizer, sample.messages, sample.unsafe_span)
+        s, e = span_to_tokens(guard.tokenizer, sample.messages, sample.unsafe_span,
+                              official_special_tokens=official)
     except QGuardError as err:
         return {"error": str(err)}
     # the official eval counts any debounced flag (Unsafe or Controversial) as the detection point;
@@ -72,7 +74,7 @@ def _latency(guard, sample: Sample, v: Verdict, is_stream: bool) -> dict | None:
     # (a flag inside the reasoning comes out negative: ahead of the answer)
     pos = v.unsafe_position if v.label is not Severity.SAFE else None
     if pos is not None:
-        lay = stream_layout(guard.tokenizer, sample.messages)
+        lay = stream_layout(guard.tokenizer, sample.messages, official_special_tokens=official)
         pos -= len(lay.moderated(getattr(guard, "moderate_thinking", True))) - (lay.answer_end - lay.answer_start)
     return {"gold_tokens": [s, e], "pred_position": pos, "bin": M.latency_bin((s, e), pos)}
 

@@ -14,21 +14,27 @@ from bisect import bisect_right
 from collections.abc import Sequence
 
 from qguard.errors import InputError
-from qguard.tokenizer import Message, stream_layout
+from qguard.tokenizer import Message, encode_text_offsets, stream_layout
 
 
-def answer_offsets(tokenizer, messages: Sequence[Message]) -> tuple[int, list[tuple[int, int]]]:
+def answer_offsets(tokenizer, messages: Sequence[Message], *,
+                   official_special_tokens: bool = False) -> tuple[int, list[tuple[int, int]]]:
     """(shift, offsets): the answer starts at character `shift` of the last message; `offsets[j]` is
-    the character range of answer token j inside the answer text."""
-    lay = stream_layout(tokenizer, messages)
+    the character range of answer token j inside the answer text (tokenized as the guard does: content
+    as text unless `official_special_tokens`)."""
+    lay = stream_layout(tokenizer, messages, official_special_tokens=official_special_tokens)
     content = messages[-1]["content"]
     ids = lay.ids[lay.answer_start:lay.answer_end]
     # The answer is the suffix of `content` that the template keeps; find how much was dropped.
     enc = None
     for shift in _candidate_shifts(content):
-        enc = tokenizer(content[shift:], add_special_tokens=False, return_offsets_mapping=True)
-        if enc["input_ids"] == ids:
-            return shift, [tuple(o) for o in enc["offset_mapping"]]
+        if official_special_tokens:
+            enc = tokenizer(content[shift:], add_special_tokens=False, return_offsets_mapping=True)
+            got, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+        else:
+            got, offsets = encode_text_offsets(tokenizer, content[shift:])
+        if got == ids:
+            return shift, offsets
     raise InputError("cannot align the answer tokens with the message text (unusual chat template?)")
 
 
@@ -57,9 +63,10 @@ def char_to_token(offsets: Sequence[tuple[int, int]], char: int) -> int:
     return min(j, len(offsets) - 1)
 
 
-def span_to_tokens(tokenizer, messages: Sequence[Message], span: tuple[int, int]) -> tuple[int, int]:
+def span_to_tokens(tokenizer, messages: Sequence[Message], span: tuple[int, int], *,
+                   official_special_tokens: bool = False) -> tuple[int, int]:
     """Inclusive (first, last) answer-token indices covering gold characters [start, end)."""
-    shift, offsets = answer_offsets(tokenizer, messages)
+    shift, offsets = answer_offsets(tokenizer, messages, official_special_tokens=official_special_tokens)
     start = max(span[0] - shift, 0)  # a span opening in dropped text starts with the answer
     last_char = max(span[1] - 1 - shift, start)
     return char_to_token(offsets, start), char_to_token(offsets, last_char)

@@ -17,7 +17,7 @@ from torch import nn
 from qguard.errors import InputError
 from qguard.model.qwen3 import InferenceFusion, KVCache, Qwen3Config, Qwen3Model
 from qguard.policy import Category, Severity
-from qguard.tokenizer import ASSETS, Message, check_messages
+from qguard.tokenizer import ASSETS, Message, check_messages, prepare_chat
 
 # Token ids of the answer's fixed parts (spec section 2); tests pin them against the tokenizer.
 SAFETY, COLON = 73037, 25
@@ -86,6 +86,22 @@ def render_with_tokenizer(tokenizer, messages: Sequence[Message]) -> str:
         messages = check_messages(messages)
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     return render_guard_prompt(messages)
+
+
+def guard_prompt_ids(tokenizer, messages: Sequence[Message], *,
+                     official_special_tokens: bool = False) -> tuple[str, list[int]]:
+    """The Gen input of a conversation, rendered as `render_with_tokenizer` does, and its token ids.
+
+    Content is tokenized as text (`qguard.tokenizer.prepare_chat`): a `<|im_end|>` or `<think>` spelt in a
+    message cannot close the guard's user turn or open its answer. The returned text has a private-use
+    stand-in in place of each such string (the header, which holds no content, is exact). Content
+    without one gives the official ids. `official_special_tokens` (unsafe): the official tokenization.
+    """
+    messages = check_messages(messages)
+    chat = prepare_chat(tokenizer, messages, official_special_tokens=official_special_tokens,
+                        split_reasoning=False)
+    text = render_with_tokenizer(tokenizer, chat.messages)
+    return text, chat.ids(tokenizer, text)
 
 
 # ---------------------------------------------------------------------------------------------- answer

@@ -161,13 +161,21 @@ def add_linear_(x: torch.Tensor, y: torch.Tensor, lin: nn.Linear) -> torch.Tenso
     """x += lin(y) in place, as one GEMM: the residual add rides in the matmul (addmm_, beta=1).
 
     Saves the separate add kernel. Fused inference form only: x must be a fresh activation that
-    nothing else reads (the residual stream) and grad must be off. Returns x.
+    nothing else reads (the residual stream) and grad must be off. Returns x. A quantized projection
+    (`qguard.model.quant`) does the same with its own kernel (`lin.addmm_`).
     """
+    if type(lin) is not nn.Linear:
+        return lin.addmm_(x, y)
     flat = x.view(-1, x.shape[-1])
     flat.addmm_(y.reshape(-1, y.shape[-1]), lin.weight.t())
     if lin.bias is not None:
         flat.add_(lin.bias)
     return x
+
+
+def fused_linear(x: torch.Tensor, fl: FusedLinear | nn.Module) -> torch.Tensor:
+    """A stacked projection (`fuse_linears`) applied to x; in a quantized model it is an int8 module."""
+    return F.linear(x, *fl) if type(fl) is tuple else fl(x)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -239,6 +247,9 @@ class InferenceFusion(nn.Module):
     """
 
     fused = False
+    # set by `qguard.model.quant.quantize_model` (the scheme's name): the stacked weights are int8 modules
+    # and the float ones are gone, so the fused form is the only one; unfusing or training raises
+    quantized: str | None = None
 
     def _fusion_groups(self) -> Iterator[tuple[nn.Module, str, list[nn.Linear]]]:
         return iter(())
@@ -264,6 +275,8 @@ class InferenceFusion(nn.Module):
 
     def _fuse(self) -> None:
         for holder, name, linears in self._fusion_groups():
+            if isinstance(getattr(holder, name), nn.Module):
+                continue  # an int8 module (see `quantized`): fused for good, its float weights are gone
             bad = [type(lin).__name__ for lin in linears if type(lin) is not nn.Linear]
             if bad:
                 raise TypeError(f"cannot fuse {name}: expected plain nn.Linear modules, got {bad} "
@@ -274,6 +287,11 @@ class InferenceFusion(nn.Module):
         self.fused = True
 
     def _unfuse(self) -> None:
+        if self.quantized:
+            from qguard.model.quant import QuantizedModelError
+
+            raise QuantizedModelError(f"this model has {self.quantized} weights (quantize=...): it is inference-only "
+                                      "and cannot be unfused or trained; load the original checkpoint without quantize")
         if not self.fused:
             return
         for holder, name, linears in self._fusion_groups():
@@ -283,7 +301,8 @@ class InferenceFusion(nn.Module):
 
     def _realias(self) -> None:
         """Rebuild the fused weights if a parameter's storage was replaced (cast, move, assign, copy)."""
-        if self.fused and not all(_aliases(lins, getattr(h, name)) for h, name, lins in self._fusion_groups()):
+        if self.fused and not all(_aliases(lins, getattr(h, name)) for h, name, lins in self._fusion_groups()
+                                  if not isinstance(getattr(h, name), nn.Module)):
             self._fuse()
 
     def train(self, mode: bool = True) -> InferenceFusion:
@@ -338,7 +357,7 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        qkv = F.linear(x, *self.qkv).view(B, T, H + 2 * KV, D)
+        qkv = fused_linear(x, self.qkv).view(B, T, H + 2 * KV, D)
         # two norms (their weights differ), then one RoPE over the q and k heads side by side
         qk = torch.cat((self.q_norm.fast(qkv[:, :, :H]), self.k_norm.fast(qkv[:, :, H:H + KV])), dim=2)
         qk = apply_rope_fused(qk, cos, sin)
@@ -388,7 +407,7 @@ class MLP(nn.Module):
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """One gate/up matmul; returns the activation BEFORE down_proj (the layer adds it in one GEMM)."""
-        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        gate, up = fused_linear(x, self.gate_up).chunk(2, dim=-1)
         return F.silu(gate) * up
 
 

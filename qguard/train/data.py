@@ -27,7 +27,7 @@ from qguard.policy import (
     parse_category,
     parse_severity,
 )
-from qguard.tokenizer import IM_END, check_messages, stream_layout
+from qguard.tokenizer import IM_END, check_messages, encode_text_offsets, stream_layout
 
 RISK_INDEX = {s: i for i, s in enumerate(SEVERITIES)}  # Safe 0, Unsafe 1, Controversial 2 (config order)
 QUERY_CATEGORIES: tuple[Category, ...] = STREAM_CATEGORY_ORDER  # 9 classes, Jailbreak last
@@ -218,10 +218,10 @@ def _first_unsafe_token(tok, row: Row, answer_ids: list[int]) -> int | None:
     # The chat template drops leading newlines of the answer; shift the span by what it dropped.
     rendered = content.split("</think>")[-1].lstrip("\n")
     shift = len(content) - len(rendered)
-    enc = tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    if list(enc["input_ids"]) != list(answer_ids):
+    ids, offsets = encode_text_offsets(tok, rendered)  # content is text, as stream_layout encodes it
+    if ids != list(answer_ids):
         return 0  # tokenised differently in context: fall back to the safe default (whole answer)
-    return first_token_at(enc["offset_mapping"], max(0, row.unsafe_span[0] - shift))
+    return first_token_at(offsets, max(0, row.unsafe_span[0] - shift))
 
 
 def encode_rows(tok, rows: Sequence[Row], max_len: int = 256, max_prompt: int = 96) -> list[Example]:

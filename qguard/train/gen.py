@@ -1,9 +1,9 @@
 """Gen SFT: teach a Qwen3 causal LM the Qwen3Guard-Gen answer format.
 
-Input: `render_guard_prompt(messages)` (byte-exact with the official guard template). Target:
-`Safety: <label>\\nCategories: <names or None>[\\nRefusal: Yes|No]<|im_end|>`. The loss covers the answer
-tokens only; a field the data does not know (no categories on an Unsafe row, unknown refusal) keeps its
-tokens in the sequence but carries no loss, so the model is never taught a made-up value.
+Input: `guard_prompt_ids(tok, messages)` (byte-exact with the official guard template; content as
+text). Target: `Safety: <label>\\nCategories: <names or None>[\\nRefusal: Yes|No]<|im_end|>`. The loss
+covers the answer tokens only; a field the data does not know (no categories on an Unsafe row, unknown
+refusal) keeps its tokens in the sequence but carries no loss, so the model is never taught a made-up value.
 The result is saved in the official Gen format (Qwen3ForCausalLM, tied embeddings, guard chat template).
 """
 
@@ -25,9 +25,9 @@ from torch import nn
 
 from qguard.checkpoint import build_gen_model, open_checkpoint, save_weights, staged_dir
 from qguard.errors import InputError
-from qguard.model.gen import GenGuardModel, render_guard_prompt
+from qguard.model.gen import GenGuardModel, guard_prompt_ids
 from qguard.policy import Severity
-from qguard.tokenizer import ASSETS, ENDOFTEXT, IM_END, encode
+from qguard.tokenizer import ASSETS, ENDOFTEXT, IM_END
 from qguard.train import dist as D
 from qguard.train.data import IGNORE, Row
 
@@ -56,7 +56,7 @@ class GenExample:
 def encode_gen_row(tok, row: Row, max_content_chars: int = 4000) -> GenExample:
     """Prompt + answer ids; labels[i] is the token at i+1 when that token is a trained answer token."""
     msgs = [dict(m, content=_cut(m["content"], max_content_chars)) for m in row.messages]
-    prompt = encode(tok, render_guard_prompt(msgs))
+    _, prompt = guard_prompt_ids(tok, msgs)  # content as text, as Guard reads it
     segs = answer_segments(row)
     text = "".join(s for s, _ in segs)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
