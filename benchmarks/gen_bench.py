@@ -42,7 +42,8 @@ from transformers import Qwen3Config as HFQwen3Config
 from transformers import Qwen3ForCausalLM
 
 from qguard.engine.gen import GenEngine
-from qguard.model.gen import GenGuardModel, parse_answer
+from qguard.families.gen import parse_answer
+from qguard.model.gen import GenGuardModel
 from qguard.model.quant import quantize_model
 from qguard.model.qwen3 import Qwen3Config
 from qguard.testing import gen_config

@@ -22,23 +22,20 @@ Message content is never logged.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from qguard.data.formats import atomic_write, count_rows, file_format, read_records, write_output
 from qguard.errors import InputError, check_int
 from qguard.policy import Mode, Policy, Severity, Verdict
 
-# .json: a JSON array of records, or JSON Lines under that name (read: sniffed; written: an array)
-FORMATS = {".jsonl": "jsonl", ".json": "json", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 # 2: the `guard` object is Verdict.to_dict() (+ model), and rows are read by FieldMap's default columns
 PARTIAL_VERSION = 2
 
@@ -136,108 +133,7 @@ def _text(row: dict, name: str) -> str:
     return v
 
 
-# ------------------------------------------------------------------------------------------ reading
-
-def file_format(path: Path) -> str:
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-    return fmt
-
-
-def count_rows(path: Path) -> int:
-    fmt = file_format(path)
-    if fmt == "parquet":
-        return _parquet(path).metadata.num_rows
-    if fmt == "csv":
-        return sum(1 for _ in _csv_rows(path))
-    if fmt == "json" and _json_array(path) is not None:
-        return len(_json_array(path))
-    with path.open("rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-def read_rows(path: Path, skip: int = 0) -> Iterator[tuple[Any, str | None]]:
-    """(row, error) for every row after the first `skip`; error is set when a row cannot be read."""
-    fmt = file_format(path)
-    it = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}[fmt](path)
-    for i, item in enumerate(it):
-        if i >= skip:
-            yield item
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
-    with path.open("rb") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue  # blank lines are not rows (count_rows skips them too)
-            try:
-                yield json.loads(line.decode("utf-8-sig" if n == 0 else "utf-8")), None  # a BOM may open the file
-            except UnicodeDecodeError:
-                yield None, "line is not UTF-8"
-            except ValueError as e:
-                yield None, f"line is not valid JSON ({e.msg})"
-
-
-def _json_array(path: Path) -> list | None:
-    """The records of a .json file holding one JSON array; None if it is JSON Lines instead."""
-    with path.open("rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not head.startswith(b"["):
-        return None
-    return _load_array(str(path), path.stat().st_mtime_ns)
-
-
-@lru_cache(maxsize=1)
-def _load_array(path: str, mtime: int) -> list:  # counted, then read: parse the file once
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-    except ValueError as e:
-        raise InputError(f"{path}: not a valid JSON array ({e})") from None
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON array of records")
-    return data
-
-
-def _json_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
-    records = _json_array(path)
-    if records is None:
-        yield from _jsonl_rows(path)
-        return
-    for r in records:
-        yield r, None
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
-    csv.field_size_limit(sys.maxsize)
-    with path.open(newline="", encoding="utf-8-sig", errors="strict") as f:  # Excel writes a BOM
-        try:
-            for row in csv.DictReader(f):
-                yield row, None
-        except UnicodeDecodeError:
-            raise InputError(f"{path}: not UTF-8 text") from None
-
-
-def _parquet(path: Path):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise InputError("Parquet needs pyarrow: pip install 'qguard[data]'") from None
-    try:
-        return pq.ParquetFile(path)
-    except Exception as e:
-        raise InputError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[Any, str | None]]:
-    for batch in _parquet(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield row, None
-
-
-# ------------------------------------------------------------------------------------------ writing
+# ------------------------------------------------------------------------------------------ results
 
 def guard_object(v: Verdict, model: str) -> dict[str, Any]:
     """A row's `guard` object: `Verdict.to_dict()` (the serialisation of `classify --json` and HTTP) and
@@ -260,58 +156,6 @@ def run_policy(classifier: Classifier, mode: Mode) -> Policy | None:
     if isinstance(own, Policy):
         return None if own.mode is mode else dataclasses.replace(own, mode=mode)
     return Policy(mode=mode)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_output(path: Path, rows: list[dict]) -> None:
-    fmt = file_format(path)
-    if fmt == "jsonl":
-        _atomic_write(path, lambda p: p.write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8"))
-    elif fmt == "json":
-        _atomic_write(path, lambda p: p.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", "utf-8"))
-    elif fmt == "csv":
-        _atomic_write(path, lambda p: _write_csv(p, rows))
-    else:
-        _atomic_write(path, lambda p: _write_parquet(p, rows))
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    cols: dict[str, None] = {}
-    for r in rows:
-        cols.update(dict.fromkeys(r))
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(cols))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)
-                        for k, v in r.items()})
-
-
-def _write_parquet(path: Path, rows: list[dict]) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise InputError("Parquet needs pyarrow: pip install 'qguard[data]'") from None
-    cols: dict[str, None] = {}
-    for r in rows:
-        cols.update(dict.fromkeys(r))
-    arrays = {}
-    for c in cols:
-        values = [r.get(c) for r in rows]
-        try:  # each column inferred from all its values (from_pylist would use the first row only)
-            arrays[c] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            # mixed types (e.g. a bad row's number where others have text): keep every value, as JSON text
-            arrays[c] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str)
-                                  for v in values], pa.string())
-    pq.write_table(pa.Table.from_pydict(arrays), path)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -427,7 +271,7 @@ def _process(classifier, inp: Path, part: Path, fields: FieldMap, filter: str | 
                dynamic_ncols=True, smoothing=0.1)
     with part.open("a", encoding="utf-8") as f:
         batch: list[tuple[int, Any, str | None]] = []
-        for n, (row, err) in enumerate(read_rows(inp, skip=done), start=done + 1):
+        for n, (row, err) in enumerate(read_records(inp, skip=done), start=done + 1):
             batch.append((n, row, err))
             if len(batch) >= batch_size:
                 _write_batch(f, classifier, batch, fields, filter, policy)
@@ -441,6 +285,17 @@ def _process(classifier, inp: Path, part: Path, fields: FieldMap, filter: str | 
 
 def _write_batch(f, classifier: Classifier, batch: list[tuple[int, Any, str | None]], fields: FieldMap,
                  filter: str | None, policy: Policy | None) -> None:
+    items = judge_batch(classifier, batch, fields, filter, policy)
+    f.write("".join(json.dumps(it, ensure_ascii=False, default=str) + "\n" for it in items))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def judge_batch(classifier: Classifier, batch: list[tuple[int, Any, str | None]], fields: FieldMap,
+                filter: str | None, policy: Policy | None) -> list[dict[str, Any]]:
+    """One result per `(row number, record, read error)` of `batch`, in order:
+    {"row", "keep" (by `filter`), "error" (None or why the row has no verdict), "record" (the row with its
+    `guard` object)}. One engine call for the batch's readable rows (shared by `qguard.annotate_ray`)."""
     convs, where, errors = [], [], {}
     for j, (_n, row, err) in enumerate(batch):
         if err is None:
@@ -457,16 +312,13 @@ def _write_batch(f, classifier: Classifier, batch: list[tuple[int, Any, str | No
             errors[j] = str(v)
         else:
             verdicts[j] = v if policy is None else policy.apply(v)
-    lines = []
+    items = []
     for j, (n, row, _) in enumerate(batch):
         v = verdicts.get(j)
         record = dict(row) if isinstance(row, dict) else {"_unreadable_row": n}
         record["guard"] = guard_object(v, classifier.name) if v is not None else {"error": errors[j]}
-        lines.append(json.dumps({"row": n, "keep": matches(v, filter),
-                                 "error": errors.get(j), "record": record}, ensure_ascii=False, default=str))
-    f.write("".join(line + "\n" for line in lines))
-    f.flush()
-    os.fsync(f.fileno())
+        items.append({"row": n, "keep": matches(v, filter), "error": errors.get(j), "record": record})
+    return items
 
 
 def _finalize(part: Path, out: Path, filter: str | None, done: int, total: int) -> Summary:
@@ -495,7 +347,7 @@ def _finalize(part: Path, out: Path, filter: str | None, done: int, total: int) 
                          "fix the problem and re-run the same command to write it") from None
     ep = errors_path(out)
     if errs:
-        _atomic_write(ep, lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in errs), "utf-8"))
+        atomic_write(ep, lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in errs), "utf-8"))
         s.errors_file = str(ep)
     elif ep.exists():
         ep.unlink()

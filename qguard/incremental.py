@@ -46,7 +46,8 @@ from collections.abc import Iterator
 from functools import lru_cache
 
 from qguard.errors import InputError
-from qguard.tokenizer import encode, fix_surrogates, text_tokenizer
+from qguard.messages import fix_surrogates
+from qguard.tokenizer import encode, text_tokenizer
 
 MAX_CANDIDATES = 4  # boundaries verified per delta before giving up (commit later instead)
 

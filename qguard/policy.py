@@ -1,148 +1,51 @@
-"""The Qwen3Guard policy: severities, categories, strict/loose modes, per-category actions, Verdict.
+"""The Qwen3Guard policy: strict/loose modes, per-category actions, Verdict and TokenVerdict.
 
 The policy never sees a tensor: engines hand it probabilities and label indices, it hands back Verdicts.
+The labels themselves are `qguard.taxonomy`'s, the debounce rules `qguard.debounce`'s (both re-exported).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import re
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from qguard.debounce import Debouncer, DebounceRule, debounce
 from qguard.errors import InputError, LabelError, check_number
-
-
-class Severity(str, enum.Enum):
-    SAFE = "Safe"
-    UNSAFE = "Unsafe"
-    CONTROVERSIAL = "Controversial"
-
-
-SEVERITIES: tuple[Severity, ...] = (Severity.SAFE, Severity.UNSAFE, Severity.CONTROVERSIAL)
-
-
-class Category(str, enum.Enum):
-    """The nine categories, with the exact strings Qwen3Guard-Gen prints."""
-
-    VIOLENT = "Violent"
-    NON_VIOLENT_ILLEGAL = "Non-violent Illegal Acts"
-    SEXUAL = "Sexual Content or Sexual Acts"
-    PII = "PII"
-    SELF_HARM = "Suicide & Self-Harm"
-    UNETHICAL = "Unethical Acts"
-    POLITICAL = "Politically Sensitive Topics"
-    COPYRIGHT = "Copyright Violation"
-    JAILBREAK = "Jailbreak"  # prompts only
-
-
-# Gen prints categories in this order in its instruction; Stream heads index them differently
-# (see STREAM_CATEGORY_ORDER) and the checkpoint's config names them.
-CATEGORIES: tuple[Category, ...] = tuple(Category)
-RESPONSE_CATEGORIES: tuple[Category, ...] = tuple(c for c in Category if c is not Category.JAILBREAK)
-# Index order of the Stream heads when a config does not say (spec section 3).
-STREAM_CATEGORY_ORDER: tuple[Category, ...] = (
-    Category.VIOLENT,
-    Category.SEXUAL,
-    Category.SELF_HARM,
-    Category.POLITICAL,
-    Category.PII,
-    Category.COPYRIGHT,
-    Category.NON_VIOLENT_ILLEGAL,
-    Category.UNETHICAL,
-    Category.JAILBREAK,
+from qguard.taxonomy import (
+    CATEGORIES,
+    RESPONSE_CATEGORIES,
+    SEVERITIES,
+    SEVERITY_KEYS,
+    STREAM_CATEGORY_ORDER,
+    Category,
+    Option,
+    Severity,
+    label_map,
+    parse_category,
+    parse_severity,
 )
 
+if TYPE_CHECKING:
+    from qguard.policy_file import PolicyFile
 
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z]", "", name.lower())
+# The taxonomy and the debounce rules live in qguard.taxonomy and qguard.debounce; they stay importable
+# from here for good (users and tests spell `from qguard.policy import Severity, debounce`).
+__all__ = [
+    "CATEGORIES", "RESPONSE_CATEGORIES", "SEVERITIES", "SEVERITY_KEYS", "STREAM_CATEGORY_ORDER", "VERDICT_FIELDS",
+    "Action", "Category", "DebounceRule", "Debouncer", "Mode", "Part", "Policy", "Severity", "TokenVerdict",
+    "Verdict", "debounce", "label_map", "parse_category", "parse_severity", "resolve_policy",
+]
 
-
-# Every spelling we accept for a category: the Gen strings, the short names third-party configs use,
-# and snake/kebab variants (normalised by _key). Anything else fails loudly.
-_CATEGORY_ALIASES: dict[str, Category] = {}
-for _cat, _names in {
-    Category.VIOLENT: ["Violent", "Violence", "Violent Crimes"],
-    Category.NON_VIOLENT_ILLEGAL: ["Non-violent Illegal Acts", "Non-violent Illegal", "Illegal Acts", "Illegal",
-                                   "Non-violent Crimes", "Nonviolent Illegal Acts"],
-    Category.SEXUAL: ["Sexual Content or Sexual Acts", "Sexual Content", "Sexual", "Sexual Acts"],
-    Category.PII: ["PII", "Personally Identifiable Information", "Privacy"],
-    Category.SELF_HARM: ["Suicide & Self-Harm", "Suicide and Self-Harm", "Self-Harm", "Self Harm", "Suicide"],
-    Category.UNETHICAL: ["Unethical Acts", "Unethical"],
-    Category.POLITICAL: ["Politically Sensitive Topics", "Political", "Politically Sensitive", "Politics"],
-    Category.COPYRIGHT: ["Copyright Violation", "Copyright"],
-    Category.JAILBREAK: ["Jailbreak", "Jailbreaking"],
-}.items():
-    for _n in _names:
-        _CATEGORY_ALIASES[_key(_n)] = _cat
-
-_SEVERITY_ALIASES = {_key(s.value): s for s in Severity} | {"controversy": Severity.CONTROVERSIAL}
-
-
-def parse_category(name: str) -> Category:
-    """Map any accepted spelling of a category name onto the taxonomy; raise LabelError otherwise."""
-    cat = _CATEGORY_ALIASES.get(_key(name))
-    if cat is None:
-        raise LabelError(f"unknown category {name!r}; known: {', '.join(c.value for c in Category)}")
-    return cat
-
-
-def parse_severity(name: str) -> Severity:
-    sev = _SEVERITY_ALIASES.get(_key(name))
-    if sev is None:
-        raise LabelError(f"unknown risk level {name!r}; known: Safe, Unsafe, Controversial")
-    return sev
-
-
-def label_map(raw: Mapping[str, str] | Sequence[str] | None, parse, default: Sequence, what: str) -> tuple:
-    """Turn a config label map ({"0": "Safe", ...} or a list) into a tuple indexed by class id."""
-    if raw is None:
-        return tuple(default)
-    if isinstance(raw, Mapping):
-        try:
-            items = sorted((int(k), v) for k, v in raw.items())
-        except ValueError as e:
-            raise LabelError(f"{what}: keys must be class indices, got {list(raw)}") from e
-        if [i for i, _ in items] != list(range(len(items))):
-            raise LabelError(f"{what}: class indices must be 0..{len(items) - 1}, got {[i for i, _ in items]}")
-        names = [v for _, v in items]
-    else:
-        names = list(raw)
-    out = []
-    for n in names:
-        try:
-            out.append(parse(n))
-        except LabelError as e:
-            raise LabelError(f"{what}: {e}") from None
-    return tuple(out)
-
-
-class _Option(str, enum.Enum):
-    """An option a user spells as text (mode, action, debounce rule): case and surrounding spaces do not
-    matter, and anything else is an InputError that lists the choices (not Enum's bare ValueError)."""
-
-    @classmethod
-    def _missing_(cls, value: object) -> _Option:
-        if isinstance(value, str):
-            for member in cls:
-                if member.value == value.strip().lower():
-                    return member
-        names = [repr(m.value) for m in cls]
-        raise InputError(f"unknown {cls._what()} {value!r}: use {', '.join(names[:-1])} or {names[-1]}")
-
-    @classmethod
-    def _what(cls) -> str:
-        return cls.__name__.lower()
-
-
-class Mode(_Option):
+class Mode(Option):
     STRICT = "strict"  # Controversial counts as Unsafe
     LOOSE = "loose"  # Controversial counts as Safe
 
 
-class Action(_Option):
+class Action(Option):
     ALLOW = "allow"
     FLAG = "flag"
     BLOCK = "block"
@@ -198,11 +101,81 @@ class Verdict:
             "raw_output": self.raw_output,
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
+        """The verdict `to_dict` wrote (e.g. received from a qguard server); InputError if it is not one."""
+        try:
+            return cls(label=Severity(d["label"]), categories=tuple(Category(c) for c in d.get("categories") or ()),
+                       refusal=d.get("refusal"), probs=d.get("probs"), category_probs=d.get("category_probs"),
+                       refusal_prob=d.get("refusal_prob"), mode=Mode(d.get("mode", "strict")),
+                       binary=Severity(d.get("binary", "Safe")), action=Action(d.get("action", "allow")),
+                       unsafe_position=d.get("unsafe_position"), n_tokens=d.get("n_tokens"), error=d.get("error"),
+                       raw_output=d.get("raw_output"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"not a verdict object: {type(e).__name__} {e}") from None
+
 
 # The keys of Verdict.to_dict, in order.
 VERDICT_FIELDS: tuple[str, ...] = ("label", "binary", "mode", "action", "categories", "refusal", "probs",
                                    "category_probs", "refusal_prob", "unsafe_position", "n_tokens", "error",
                                    "raw_output")
+
+
+class Part(str, enum.Enum):
+    """Which part of the assistant turn a token belongs to."""
+
+    THINK = "think"
+    ANSWER = "answer"
+
+
+@dataclass(frozen=True)
+class TokenVerdict:
+    """The guard's reading of one moderated token, and the running response verdict after it: what a live
+    Stream session returns per token and what `Guard.stream_trace` lists (there with the token's `text`)."""
+
+    token_id: int
+    index: int  # index among the moderated tokens of the response (what debounce counts)
+    position: int  # absolute position in the guard's token sequence
+    part: Part
+    probs: dict[str, float]  # {"Safe", "Unsafe", "Controversial"}
+    category_probs: dict[str, float]
+    label: Severity  # this token's own label (argmax)
+    category: Category  # this token's most likely category
+    response_label: Severity  # debounced label of the response so far
+    unsafe_position: int | None  # index where the response label was decided, if it was
+    stop: bool  # the policy blocks the response: stop the LLM
+    text: str | None = None  # the token's text, where the reader decoded it (stream traces)
+
+    @classmethod
+    def _fast(cls, *values) -> TokenVerdict:
+        """`TokenVerdict(*values)` for the per-token hot path: the frozen dataclass __init__ sets each
+        field through object.__setattr__, which costs more than the rest of a token's record; this fills
+        the instance dict at once (tests check the result equals the regular constructor's). The Stream
+        reader does the same inline, from a dict literal keyed by `TOKEN_VERDICT_FIELDS`, to save the call."""
+        tv = object.__new__(cls)
+        tv.__dict__.update(zip(TOKEN_VERDICT_FIELDS, values))  # a field left out reads its class default
+        return tv
+
+    def to_dict(self) -> dict:
+        return {"token_id": self.token_id, "index": self.index, "position": self.position, "part": self.part.value,
+                "probs": self.probs, "category_probs": self.category_probs, "label": self.label.value,
+                "category": self.category.value, "response_label": self.response_label.value,
+                "unsafe_position": self.unsafe_position, "stop": self.stop, "text": self.text}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TokenVerdict:
+        """The token verdict `to_dict` wrote; InputError if it is not one."""
+        try:
+            return cls(token_id=d["token_id"], index=d["index"], position=d["position"], part=Part(d["part"]),
+                       probs=d["probs"], category_probs=d["category_probs"], label=Severity(d["label"]),
+                       category=Category(d["category"]), response_label=Severity(d["response_label"]),
+                       unsafe_position=d.get("unsafe_position"), stop=d["stop"], text=d.get("text"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"not a token verdict object: {type(e).__name__} {e}") from None
+
+
+# The fields of TokenVerdict, in order (the keys of a hot-path instance dict).
+TOKEN_VERDICT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TokenVerdict))
 
 
 @dataclass
@@ -263,6 +236,27 @@ class Policy:
             **kw,
         )
 
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Policy:
+        """The policy of a policy file (YAML or TOML: mode, default_action, actions, block_threshold); its
+        other keys (debounce, limits, ...) are `qguard.policy_file.load_policy_file`'s. InputError naming
+        the key, the value and the choices when the file is wrong."""
+        from qguard.policy_file import load_policy_file  # pydantic and yaml load only for files
+
+        return cls.from_policy_file(load_policy_file(path))
+
+    @classmethod
+    def from_policy_file(cls, pf: PolicyFile) -> Policy:
+        """The policy of an already loaded `PolicyFile`."""
+        return cls(mode=pf.mode, default_action=pf.default_action, actions=dict(pf.actions),
+                   block_threshold=pf.block_threshold)
+
+    def with_mode(self, mode: Mode | str | None) -> Policy:
+        """This policy with another mode (same actions and threshold); None or the same mode: itself."""
+        if mode is None or Mode(mode) is self.mode:
+            return self
+        return dataclasses.replace(self, mode=Mode(mode))
+
     def apply(self, v: Verdict) -> Verdict:
         """The same model output judged under this policy (e.g. one forward, both modes)."""
         if v.error is not None:
@@ -287,72 +281,6 @@ def _action_category(name: Category | str) -> Category:
         return parse_category(name)
     except LabelError as e:
         raise InputError(f"actions: {e}") from None
-
-
-class DebounceRule(_Option):
-    """How per-token Stream labels become one response verdict.
-
-    EVAL (default, the official eval code): Unsafe at the first i where tokens i-1 and i are both Unsafe;
-    failing that, Controversial at the first Controversial-Controversial pair; else Safe.
-    REPORT (the tech report's wording): the first i where tokens i-1 and i are both Unsafe-or-Controversial;
-    the verdict takes token i's label (and category).
-    """
-
-    EVAL = "eval"
-    REPORT = "report"
-
-    @classmethod
-    def _what(cls) -> str:
-        return "debounce rule"
-
-
-def debounce(labels: Sequence[Severity], rule: DebounceRule = DebounceRule.EVAL) -> tuple[Severity, int | None]:
-    """(response label, index i of the token where it was decided) from per-token labels."""
-    rule = DebounceRule(rule)
-    if rule is DebounceRule.REPORT:
-        for i in range(1, len(labels)):
-            if labels[i - 1] is not Severity.SAFE and labels[i] is not Severity.SAFE:
-                return labels[i], i
-        return Severity.SAFE, None
-    for target in (Severity.UNSAFE, Severity.CONTROVERSIAL):
-        for i in range(1, len(labels)):
-            if labels[i - 1] is target and labels[i] is target:
-                return target, i
-    return Severity.SAFE, None
-
-
-class Debouncer:
-    """Incremental `debounce` for live streams: feed labels one at a time, O(1) per token.
-
-    For the EVAL rule a Controversial pair is only provisional: a later Unsafe pair overrides it, so
-    `label` may move from Controversial to Unsafe; once Unsafe it is final.
-    """
-
-    def __init__(self, rule: DebounceRule = DebounceRule.EVAL):
-        self.rule = DebounceRule(rule)
-        self.prev: Severity | None = None
-        self.n = 0
-        self.label = Severity.SAFE
-        self.position: int | None = None
-
-    def push(self, label: Severity) -> Severity:
-        i, prev = self.n, self.prev
-        self.prev, self.n = label, self.n + 1
-        if prev is None or self.label is Severity.UNSAFE:
-            return self.label
-        if self.rule is DebounceRule.REPORT:
-            if self.position is None and prev is not Severity.SAFE and label is not Severity.SAFE:
-                self.label, self.position = label, i
-        elif prev is label is Severity.UNSAFE:
-            self.label, self.position = Severity.UNSAFE, i
-        elif prev is label is Severity.CONTROVERSIAL and self.position is None:
-            self.label, self.position = Severity.CONTROVERSIAL, i
-        return self.label
-
-    @property
-    def final(self) -> bool:
-        """True once no later token can change the verdict."""
-        return self.label is Severity.UNSAFE or (self.rule is DebounceRule.REPORT and self.position is not None)
 
 
 def resolve_policy(mode: Mode | str | None, policy: Policy | None) -> Policy:

@@ -95,10 +95,6 @@ def guard_only_reward(response: Verdict, cfg: RewardConfig = RewardConfig()) -> 
     return cfg.unsafe_reward if is_unsafe(response, cfg.mode) else cfg.safe_reward
 
 
-def needs_helpfulness(response: Verdict, prompt: Verdict | None, cfg: RewardConfig) -> bool:
-    return hybrid_reward(response, prompt, None, cfg) is None
-
-
 def hybrid_reward(response: Verdict, prompt: Verdict | None, helpfulness: float | None,
                   cfg: RewardConfig = RewardConfig()) -> float | None:
     """Eq. (2). Returns None when the answer is the helpfulness score and none was given."""

@@ -7,16 +7,17 @@ them. Random weights give meaningless verdicts but the same compute as the real 
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qguard.checkpoint import save_weights
 from qguard.model.stream import HEAD_TENSORS
-from qguard.tokenizer import ASSETS, qwen3_tokenizer_dir
+from qguard.tokenizer import ASSETS, copy_tokenizer_files
+from qguard.weights import write_checkpoint
+
+# the tokenizer files of qguard's own checkpoints (benchmarks import it from here)
+copy_tokenizer = copy_tokenizer_files
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -101,28 +102,13 @@ def stream_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def copy_tokenizer(out: Path, chat_template: str | None = None) -> None:
-    src = qwen3_tokenizer_dir()
-    for f in ("tokenizer.json", "vocab.json", "merges.txt"):
-        shutil.copy(src / f, out / f)
-    tc = json.loads((src / "tokenizer_config.json").read_text("utf-8"))
-    if chat_template is not None:
-        tc["chat_template"] = chat_template
-    (out / "tokenizer_config.json").write_text(json.dumps(tc, ensure_ascii=False, indent=2), "utf-8")
-
-
 def make_stream_checkpoint(out: str | Path, preset: str = "tiny", label_style: str = "long",
                            shard_bytes: int | None = None, seed: int = 0, std: float = 0.05,
                            tokenizer: bool = True) -> Path:
     """Write a random Qwen3Guard-Stream checkpoint (official names and config keys) to `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = stream_config(preset, label_style)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2), "utf-8")
-    save_weights(_random_tensors(stream_shapes(cfg), seed, std), out, shard_bytes)
-    if tokenizer:
-        copy_tokenizer(out)
-    return out
+    return write_checkpoint(out, cfg, _random_tensors(stream_shapes(cfg), seed, std), tokenizer_files=tokenizer,
+                            max_shard_bytes=shard_bytes)
 
 
 def gen_config(preset: str = "tiny") -> dict[str, Any]:
@@ -136,11 +122,7 @@ def make_gen_checkpoint(out: str | Path, preset: str = "tiny", shard_bytes: int 
     With `guard_template`, the tokenizer carries qguard's guard chat template, like the official Gen
     checkpoints carry theirs. `tensors` overrides the random weights (e.g. a trained model).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = gen_config(preset)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2), "utf-8")
-    save_weights(tensors if tensors is not None else _random_tensors(backbone_shapes(cfg), seed, std), out, shard_bytes)
     template = (ASSETS / "qwen3guard_gen_template.jinja").read_text("utf-8") if guard_template else None
-    copy_tokenizer(out, template)
-    return out
+    return write_checkpoint(out, cfg, tensors if tensors is not None else _random_tensors(backbone_shapes(cfg), seed, std),
+                            chat_template=template, max_shard_bytes=shard_bytes)

@@ -3,14 +3,12 @@ schema, brought to the newest Alembic revision at start (no alembic.ini: the con
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -19,7 +17,10 @@ from qguard.errors import InputError, QGuardError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_S = 5.0  # how long a SQLite write waits on another process's lock before it counts as failed
-CONNECT_TIMEOUT_S = 5  # PostgreSQL: an unreachable server is an error after this, not a hang
+CONNECT_TIMEOUT_S = 5
+# Alembic's `context` and `op` are process-wide proxies: two migrations at once in one process (two
+# logs, or a writer thread migrating late) would run inside each other's context
+_MIGRATING = threading.Lock()  # PostgreSQL: an unreachable server is an error after this, not a hang
 
 
 class AuditError(QGuardError):
@@ -59,21 +60,26 @@ def database_url(target: str | os.PathLike) -> sa.URL:
 
 
 def describe(url: sa.URL) -> str:
-    """The URL as messages show it: never its password."""
-    return url.render_as_string(hide_password=True)
+    """The URL as messages show it: a SQLite file as its path, a server URL without its password."""
+    if url.get_backend_name() == "sqlite":
+        return str(url.database)
+    return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
 
 
-def create_engine(url: sa.URL, pool_size: int = 1) -> sa.Engine:
+def create_engine(url: sa.URL, pool_size: int = 1, statement_timeout_s: float | None = None) -> sa.Engine:
     """An engine for the audit log. Connections are checked before use (`pool_pre_ping`), so after the
-    database restarts the next write gets a fresh connection instead of a dead one."""
+    database restarts the next write gets a fresh connection instead of a dead one. PostgreSQL:
+    `statement_timeout_s` cancels a statement that waits longer (e.g. on a lock someone holds), which the
+    writer then treats as an outage and retries."""
     try:
         if url.get_backend_name() == "sqlite":
             engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_S}, pool_pre_ping=True)
             sa.event.listen(engine, "connect", _sqlite_pragmas)
             return engine
-        return sa.create_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True,
-                                connect_args={"connect_timeout": CONNECT_TIMEOUT_S,
-                                              "application_name": "qguard-audit"})
+        connect = {"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "qguard-audit"}
+        if statement_timeout_s is not None:
+            connect["options"] = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+        return sa.create_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, connect_args=connect)
     except ImportError as e:  # the driver is an optional dependency
         raise AuditError(f"audit database: {describe(url)} needs {e.name or 'its driver'}: "
                          "pip install 'qguard[audit]'") from None
@@ -87,10 +93,21 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def alembic_config(url: sa.URL | str | None = None) -> Config:
+def _alembic():
+    # imported on use: alembic logs a line per plugin at import, which a server start does not need
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    import alembic.command
+    import alembic.config
+    import alembic.runtime.migration
+    import alembic.script
+
+    return alembic
+
+
+def alembic_config(url: sa.URL | str | None = None):
     """Alembic's config for the audit schema, built in code. With a URL, Alembic's own commands work on
     it (e.g. `alembic.command.revision(alembic_config(url), "add a column", autogenerate=True)`)."""
-    cfg = Config()
+    cfg = _alembic().config.Config()
     cfg.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
     if url is not None:
         text = url.render_as_string(hide_password=False) if isinstance(url, sa.URL) else url
@@ -99,31 +116,33 @@ def alembic_config(url: sa.URL | str | None = None) -> Config:
 
 
 def head_revision() -> str:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return _alembic().script.ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def migrate(engine: sa.Engine) -> None:
     """Bring the schema to the newest revision (`upgrade head`): creates it in an empty database, does
     nothing on one that is up to date."""
     cfg = alembic_config()
-    with engine.begin() as conn:
+    with _MIGRATING, engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        _alembic().command.upgrade(cfg, "head")
 
 
 def current_revision(conn: sa.Connection) -> str | None:
-    return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    context = _alembic().runtime.migration.MigrationContext
+    return context.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
 
 
-def open_database(target: str | os.PathLike, create: bool = True) -> tuple[sa.Engine, sa.URL]:
+def open_database(target: str | os.PathLike, create: bool = True, connect: bool = True,
+                  statement_timeout_s: float | None = None) -> tuple[sa.Engine, sa.URL]:
     """(engine, url) of the audit database at `target`, connected once and migrated to head.
 
     `create=False` is for readers (`qguard audit`): a missing SQLite file is an error rather than a new
-    empty database, and the schema is checked, never changed. Errors name the database (never its
-    password) and what to do."""
+    empty database, and the schema is checked, never changed. `connect=False` only checks the target and
+    builds the engine (the writer then migrates once the database answers). Errors name the database
+    (never its password) and what to do."""
     url = database_url(target)
-    sqlite = url.get_backend_name() == "sqlite"
-    if sqlite:
+    if url.get_backend_name() == "sqlite":
         path = Path(url.database)
         if path.is_dir():
             raise InputError(f"audit database: {path} is a directory; give a file such as {path / 'audit.db'}")
@@ -133,15 +152,19 @@ def open_database(target: str | os.PathLike, create: bool = True) -> tuple[sa.En
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise AuditError(f"audit database: cannot create the folder {path.parent} ({e.strerror})") from None
-    engine = create_engine(url)
+                raise AuditError(f"audit database: cannot create the folder {path.parent} "
+                                 f"({e.strerror})") from None
+    engine = create_engine(url, statement_timeout_s=statement_timeout_s)
+    if not connect:
+        return engine, url
     try:
         if create:
             migrate(engine)
         else:
             with engine.connect() as conn:
                 if not sa.inspect(conn).has_table(TABLE):
-                    raise AuditError(f"audit database: {describe(url)} holds no qguard audit log (no table {TABLE})")
+                    raise AuditError(f"audit database: {describe(url)} holds no qguard audit log "
+                                     f"(no table {TABLE})")
     except SQLAlchemyError as e:
         engine.dispose()
         raise AuditError(f"audit database: cannot use {describe(url)}: {reason(e)}") from None

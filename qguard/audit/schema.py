@@ -45,8 +45,9 @@ class UTCDateTime(sa.TypeDecorator):
 
 
 def json_type() -> sa.types.TypeEngine:
-    """JSON, as JSONB on PostgreSQL (its containment and array functions serve the category filter)."""
-    return sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+    """JSON, as JSONB on PostgreSQL (its containment and array functions serve the category filter).
+    Python None is SQL NULL, not JSON null, so "no categories known" never reads as a value."""
+    return sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 
 
 def _id_type() -> sa.types.TypeEngine:

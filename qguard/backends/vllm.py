@@ -8,7 +8,7 @@ generated token)). vLLM cannot be installed on the machines this was written on 
 run this code against a fake object implementing exactly that documented interface, not a real vLLM.
 
 Prompts are rendered and tokenized by qguard (byte-exact guard template, message content as text:
-`qguard.model.gen.guard_prompt_ids`), so vLLM sees the same ids as the torch engine and never renders or
+`qguard.families.gen.guard_prompt_ids`), so vLLM sees the same ids as the torch engine and never renders or
 tokenizes a prompt itself; the fixed instruction header is the same for every request of a moderation
 target, which is what vLLM's prefix cache reuses. Answers are parsed with the same strict parser.
 
@@ -17,7 +17,7 @@ is 20). Severity / category / refusal probabilities are the softmax over the lab
 the top-k at the label position (a label token outside the top-k counts as probability 0), so they
 can differ slightly from the torch engine's full-vocabulary ones; labels do not depend on them.
 
-Calibration (`qguard.calibration`, Gen: one temperature): vLLM runs the weights as they are, so the
+Calibration (`qguard.runtime.calibration`, Gen: one temperature): vLLM runs the weights as they are, so the
 temperature is applied here instead, to the label logprobs before that softmax. A logprob is the logit
 minus a per-position constant, so this is the same softmax(logits / T) as the torch engine's folded form.
 """
@@ -30,29 +30,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qguard.calibration import Calibration, resolve
-from qguard.engine.gen import (
-    CATEGORIES_PREFIX,
-    NO,
-    REFUSAL_PREFIX,
-    YES,
-    _find,
-    first_token_ids,
-    target_categories,
-)
 from qguard.errors import InputError, QGuardError
-from qguard.model.gen import (
+from qguard.families.gen import (
+    CATEGORIES_PREFIX,
     COLON,
     GEN_MAX_NEW_TOKENS,
+    NO,
+    REFUSAL_PREFIX,
     SAFETY,
     SEVERITY_FIRST_TOKEN,
-    ParseError,
+    STOP,
+    YES,
+    find_after,
+    first_token_ids,
     guard_prompt_ids,
     moderation_target,
-    parse_answer,
+    read_answer,
+    target_categories,
+    verdict,
 )
+from qguard.families.registry import GEN
+from qguard.messages import Message, check_turn
 from qguard.policy import Mode, Policy, Verdict
-from qguard.tokenizer import ENDOFTEXT, IM_END, Message, check_turn
+from qguard.runtime.calibration import Calibration, resolve
 
 
 def _import_vllm():
@@ -69,8 +69,8 @@ class VLLMGenBackend:
     def __init__(self, llm: Any, name: str, tokenizer: Any = None, policy: Policy | None = None,
                  max_new_tokens: int = GEN_MAX_NEW_TOKENS, logprobs: int = 20, max_model_len: int | None = None,
                  calibration: Calibration | None = None, official_special_tokens: bool = False):
-        if calibration is not None and calibration.kind != "gen":
-            raise InputError(f"this calibration was fitted for a {calibration.kind} model, not a gen model")
+        if calibration is not None:
+            calibration.check_kind(GEN.name)
         self.llm, self.name, self.calibration = llm, name, calibration
         # content is text, as in Guard; True (unsafe for untrusted input): the official tokenization
         self.official_special_tokens = official_special_tokens
@@ -103,7 +103,7 @@ class VLLMGenBackend:
     def sampling_params(self):
         vllm = _import_vllm()
         return vllm.SamplingParams(temperature=0, max_tokens=self.max_new_tokens, logprobs=self.logprobs,
-                                   stop_token_ids=[IM_END, ENDOFTEXT])
+                                   stop_token_ids=list(STOP))
 
     def prepare(self, messages: Sequence[Message]) -> tuple[list[int], str]:
         messages = check_turn(messages)  # the same conversations as Guard takes (no empty or system-last turn)
@@ -136,27 +136,23 @@ class VLLMGenBackend:
         return out  # type: ignore[return-value]
 
     def verdict(self, completion: Any, target: str, n_tokens: int) -> Verdict:
-        ids = [t for t in completion.token_ids if t not in (IM_END, ENDOFTEXT)]
+        ids = [t for t in completion.token_ids if t not in STOP]
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         lps = completion.logprobs or []
         sev = None
         if ids[:2] == [SAFETY, COLON] and len(lps) > 2:
             sev = _softmax_over(lps[2], {s.value: t for s, t in SEVERITY_FIRST_TOKEN.items()}, self.temperature)
         cat = ref = None
-        at = _find(ids, CATEGORIES_PREFIX)
+        at = find_after(ids, CATEGORIES_PREFIX)
         if at is not None and at < len(lps):
             cat = _softmax_over(lps[at], target_categories(self.cat_first, target), self.temperature)
-        at = _find(ids, REFUSAL_PREFIX)
+        at = find_after(ids, REFUSAL_PREFIX)
         if target == "response" and at is not None and at < len(lps):
             yn = _softmax_over(lps[at], {"Yes": YES, "No": NO}, self.temperature)
             ref = None if yn is None else yn["Yes"]
-        try:
-            a = parse_answer(text, target)
-        except ParseError as e:
-            return self.policy.error_verdict(f"unparseable guard answer: {e}", raw_output=text, probs=sev,
-                                             n_tokens=n_tokens)
-        return self.policy.verdict(a.severity, a.categories, refusal=a.refusal, probs=sev, category_probs=cat,
-                                   refusal_prob=ref, n_tokens=n_tokens)
+        answer, error = read_answer(text, target)
+        return verdict(self.policy, answer, error, text=text, severity_probs=sev, category_probs=cat,
+                       refusal_prob=ref, n_tokens=n_tokens)
 
 
 def _logprob(entry: Any) -> float:

@@ -48,8 +48,8 @@ def port(text: str) -> int:
 
 def device(text: str) -> str:
     """A torch device string that this machine has (checked before any model loads)."""
-    from qguard.checkpoint import pick_device
     from qguard.errors import InputError
+    from qguard.runtime.load import pick_device
 
     try:
         pick_device(text)
@@ -78,7 +78,7 @@ def output_file(path: str | os.PathLike, what: str) -> Path:
 def checkpoint_dir(path: str | os.PathLike, what: str) -> Path:
     """`path` as where a training run saves its checkpoint, checked now (not after the run): new, empty,
     or a checkpoint folder, which the save replaces whole."""
-    from qguard.checkpoint import check_checkpoint_out
+    from qguard.weights import check_checkpoint_out
 
     try:
         check_checkpoint_out(path)
@@ -119,8 +119,12 @@ def add_model_args(p: argparse.ArgumentParser, mode: bool = True, calibration: b
                             "fastest; int8-weight: bf16 activations). Check the agreement with full precision on "
                             "your data first: `qguard check-precision`")
     if mode:
-        p.add_argument("--mode", default="strict", choices=["strict", "loose"],
-                       help="strict: Controversial counts as Unsafe; loose: as Safe")
+        p.add_argument("--mode", default=None, choices=["strict", "loose"],
+                       help="strict: Controversial counts as Unsafe; loose: as Safe (default: the --policy "
+                            "file's mode, else strict; given with --policy, --mode wins)")
+        p.add_argument("--policy", default=None, metavar="FILE",
+                       help="a policy file (YAML or TOML, e.g. examples/policy.yaml): mode, per-category actions, "
+                            "block threshold, debounce, thinking moderation, refusal text, limits")
     if calibration:
         p.add_argument("--calibration", default=None, metavar="FILE|none",
                        help="temperatures from `qguard calibrate` (default: the checkpoint's qguard_calibration.json "
@@ -163,14 +167,40 @@ def model_source(args: argparse.Namespace) -> Iterator[None]:
         raise
 
 
-def load_guard(args: argparse.Namespace):
-    from qguard.guard import Guard
+def policy_file(args: argparse.Namespace):
+    """The `--policy` file, read and validated once per run (None without the flag)."""
+    path = getattr(args, "policy", None)
+    if path is None:
+        return None
+    if getattr(args, "_policy_file", None) is None:
+        from qguard.policy_file import load_policy_file
 
+        args._policy_file = load_policy_file(path)
+    return args._policy_file
+
+
+def cli_policy(args: argparse.Namespace):
+    """The Policy a command runs under: the `--policy` file's, with `--mode` (when given) replacing its mode
+    (the flag is this run's choice, the file the deployment's default), else the `--mode` policy."""
+    from qguard.policy import Mode, Policy
+
+    pf = policy_file(args)
+    mode = getattr(args, "mode", None)
+    if pf is None:
+        return Policy(mode=Mode(mode or Mode.STRICT))
+    return Policy.from_policy_file(pf).with_mode(mode)
+
+
+def load_guard(args: argparse.Namespace):
+    from qguard.runtime.guard import Guard
+
+    pf = policy_file(args)  # a bad file fails before the model loads
     with model_source(args):
         return Guard.from_pretrained(model_name(args), device=args.device, dtype=args.dtype,
-                                     mode=getattr(args, "mode", None), calibration=calibration_arg(args),
+                                     policy=cli_policy(args), calibration=calibration_arg(args),
                                      quantize=getattr(args, "quantize", None),
-                                     official_special_tokens=getattr(args, "official_special_tokens", False))
+                                     official_special_tokens=getattr(args, "official_special_tokens", False),
+                                     **(pf.guard_options() if pf is not None else {}))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,11 +31,12 @@ def register(sub) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     import random
 
-    from qguard.calibration import FILE_NAME, TASKS, Calibration, fit
+    from qguard.data.schema import expand_paths, read_rows
     from qguard.errors import InputError
-    from qguard.guard import Guard
+    from qguard.eval.calibration import fit
+    from qguard.runtime.calibration import FILE_NAME, Calibration
+    from qguard.runtime.guard import Guard
     from qguard.starter import starter_model_path
-    from qguard.train.data import expand_paths, read_rows
 
     name = model_name(args)
     if args.out is None and not Path(name).is_dir():
@@ -54,12 +55,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         guard = Guard.from_pretrained(name, device=args.device, dtype=args.dtype, calibration=False,
                                       official_special_tokens=args.official_special_tokens)
     cal = fit(guard, rows, holdout=args.holdout, seed=args.seed)
-    if old is not None and old.kind == cal.kind == "stream":  # a head with no rows here keeps its temperature
-        kept = [t for t in TASKS if t not in cal.report["fitted"]]
-        for t in kept:
-            cal.temperature[t] = old.temperature[t]
-        if kept:
-            cal.report["kept"] = {t: f"no {t} rows: temperature kept from the previous {out.name}" for t in kept}
+    if old is not None:  # a head with no rows here keeps its temperature
+        cal.keep_unfitted_from(old, out.name)
     cal.report["data"] = [str(p) for p in args.data]
     cal.report["model"] = name
     cal.save(out)

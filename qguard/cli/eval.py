@@ -45,7 +45,7 @@ def register(sub) -> None:
 def run_eval_cmd(args: argparse.Namespace) -> int:
     from qguard.eval.report import write_outputs
     from qguard.eval.runner import EvalConfig, load_data, run_eval
-    from qguard.guard import Guard
+    from qguard.runtime.guard import Guard
 
     out = output_dir(args.out, "--out")  # created now: a bad path fails before the run, not after
     cfg = EvalConfig(data=Path(args.data), suite=args.suite, limit=args.limit, batch_size=args.batch_size,

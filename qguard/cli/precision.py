@@ -85,10 +85,8 @@ def judge_rows(guard, samples: Sequence, batch_size: int = 16) -> list[RowResult
     """One model's results for rows of one task. Stream responses go through `stream_trace` (the verdict
     and every moderated token's probabilities from one forward); everything else through batched
     `classify_conversations`."""
-    from qguard.checkpoint import Kind
-
     out: list[RowResult] = []
-    if guard.kind is Kind.STREAM and samples and samples[0].task == "response":
+    if guard.live and samples and samples[0].task == "response":
         for s in samples:
             try:
                 t = guard.stream_trace(s.messages)
@@ -178,46 +176,58 @@ def compare_precision(name: str, benchmarks: dict[str, list], *, dtype: str | No
                       device: str | None = None, calibration=None, batch_size: int = 16,
                       max_new_tokens: int | None = None, log=None) -> dict[str, Any]:
     """Run `benchmarks` ({name: rows of one task}) with the float32 model, then with the reduced one."""
+    return compare_precisions(name, benchmarks, [(dtype, quantize)], device=device, calibration=calibration,
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, log=log)[0]
+
+
+def compare_precisions(name: str, benchmarks: dict[str, list], variants: Sequence[tuple[str | None, str | None]], *,
+                       device: str | None = None, calibration=None, batch_size: int = 16,
+                       max_new_tokens: int | None = None, log=None) -> list[dict[str, Any]]:
+    """One report per (dtype, quantize) variant against one float32 reference pass (models load one at a
+    time). Every variant is checked before any model runs."""
     import torch
 
-    from qguard.checkpoint import Kind, pick_device, resolve_dtype
-    from qguard.guard import Guard
     from qguard.model.quant import check_quantize
+    from qguard.runtime.guard import Guard
+    from qguard.runtime.load import pick_device, resolve_dtype
 
     dev = pick_device(device)
-    reduced_dtype = resolve_dtype(dtype, dev)
-    quant = check_quantize(quantize, dev)
-    if reduced_dtype == torch.float32 and quant is None:
-        raise InputError("nothing to compare: the reduced model would be float32 without quantization; give "
-                         "--dtype bfloat16 (or float16) and/or --quantize int8")
-    runs = {"reference": (torch.float32, None), "reduced": (reduced_dtype, quant)}
+    todo = []
+    for dtype, quantize in variants:
+        dt, quant = resolve_dtype(dtype, dev), check_quantize(quantize, dev)
+        if dt == torch.float32 and quant is None:
+            raise InputError("nothing to compare: the reduced model would be float32 without quantization; give "
+                             "--dtype bfloat16 (or float16) and/or --quantize int8")
+        todo.append((dt, quant))
     budget = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    out: dict[str, list[list[RowResult]]] = {}
-    wall: dict[str, float] = {}
-    kind = None
-    for role, (dt, q) in runs.items():
+
+    def run(dt, q) -> tuple[list[list[RowResult]], float, Any, bool]:
         guard = Guard.from_pretrained(name, device=dev, dtype=dt, quantize=q, calibration=calibration, **budget)
-        kind = guard.kind
         t0 = time.perf_counter()
-        out[role] = []
+        out = []
         for bench, samples in benchmarks.items():
             if log:
-                log(f"{role} ({str(dt).removeprefix('torch.')}{', ' + q if q else ''}): {bench}, {len(samples)} rows")
-            out[role].append(judge_rows(guard, samples, batch_size))
-        wall[role] = time.perf_counter() - t0
+                log(f"{str(dt).removeprefix('torch.')}{', ' + q if q else ''}: {bench}, {len(samples)} rows")
+            out.append(judge_rows(guard, samples, batch_size))
+        kind, live = guard.kind, guard.live
         del guard
         gc.collect()
-    stream = kind is Kind.STREAM
-    results = {b: (out["reference"][i], out["reduced"][i], samples[0].task)
-               for i, (b, samples) in enumerate(benchmarks.items())}
-    per = {b: agreement(a, r, task, stream) for b, (a, r, task) in results.items()}
-    return {
-        "model": str(name), "kind": kind.value, "device": str(dev),
-        "reference": {"dtype": "float32", "quantize": None},
-        "reduced": {"dtype": str(reduced_dtype).removeprefix("torch."), "quantize": quant},
-        "benchmarks": per, "overall": _overall(per, results, stream),
-        "wall_s": {k: round(v, 2) for k, v in wall.items()},
-    }
+        return out, time.perf_counter() - t0, kind, live
+
+    ref, ref_wall, kind, stream = run(torch.float32, None)
+    reports = []
+    for dt, q in todo:
+        red, red_wall, _, _ = run(dt, q)
+        results = {b: (ref[i], red[i], samples[0].task) for i, (b, samples) in enumerate(benchmarks.items())}
+        per = {b: agreement(a, r, task, stream) for b, (a, r, task) in results.items()}
+        reports.append({
+            "model": str(name), "kind": kind.value, "device": str(dev),
+            "reference": {"dtype": "float32", "quantize": None},
+            "reduced": {"dtype": str(dt).removeprefix("torch."), "quantize": q},
+            "benchmarks": per, "overall": _overall(per, results, stream),
+            "wall_s": {"reference": round(ref_wall, 2), "reduced": round(red_wall, 2)},
+        })
+    return reports
 
 
 # --------------------------------------------------------------------------------------------- command

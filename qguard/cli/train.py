@@ -118,7 +118,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _read(args: argparse.Namespace):
-    from qguard.train.data import expand_paths, guard_against_eval, read_rows
+    from qguard.data.schema import expand_paths, guard_against_eval, read_rows
 
     files = expand_paths(args.data)
     guard_against_eval(files)
@@ -129,20 +129,22 @@ def _read(args: argparse.Namespace):
 
 
 def run_stream(args: argparse.Namespace) -> int:
-    from qguard.checkpoint import Kind, open_checkpoint
+    from qguard.families.registry import STREAM, family_for
     from qguard.tokenizer import load_tokenizer
     from qguard.train import labeling
     from qguard.train.data import encode_rows
     from qguard.train.starter import add_token_label_rows
     from qguard.train.stream import StreamTrainConfig, train_stream
+    from qguard.weights import open_checkpoint
 
     _setup(args)
     if args.max_len < 8:
         raise InputError("--max-len must be at least 8 tokens (a chat template alone takes several)")
     if args.init is not None:  # before reading data: the wrong kind of checkpoint fails at once
-        kind = open_checkpoint(args.init).kind
-        if kind is not Kind.STREAM:
-            raise InputError(f"--init {args.init} is a {kind.value} checkpoint; train stream needs a Stream one")
+        ckpt = open_checkpoint(args.init)
+        if not STREAM.matches(ckpt.config):
+            family = family_for(ckpt.config, str(ckpt.path / "config.json"))  # or: no family at all
+            raise InputError(f"--init {args.init} is a {family.name} checkpoint; train stream needs a Stream one")
         if args.arch is not None:
             raise InputError("--arch shapes a fresh model; with --init the checkpoint's own config is used")
     frac = args.controversial_max_fraction
@@ -217,10 +219,10 @@ def run_starter(args: argparse.Namespace) -> int:
 
 
 def run_rollouts(args: argparse.Namespace) -> int:
-    from qguard.guard import Guard
+    from qguard.data.schema import read_rows
+    from qguard.runtime.guard import Guard
     from qguard.tokenizer import load_tokenizer
     from qguard.train import labeling
-    from qguard.train.data import read_rows
 
     if not 0 < args.threshold <= 1:
         raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")

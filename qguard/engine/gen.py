@@ -19,7 +19,7 @@ The answer is exactly what plain greedy decoding (`generate(do_sample=False)`, s
    have produced "Safety:" (checked by argmax). Categories and refusal are decoded only where the
    draft guessed wrong. Rejected draft tokens are masked out of the cache and never influence a kept
    position (causal attention), so the result equals plain greedy decoding by construction; only
-   floating-point summation order differs (see tests/test_gen_engine.py for the agreement checks).
+   floating-point summation order differs (see tests/engine/test_gen_engine.py for the agreement checks).
 
 Probabilities come from the same forwards (they equal the batch-1 reference's):
 - severity: softmax over the first tokens of " Safe", " Unsafe", " Controversial" after "Safety:";
@@ -36,27 +36,30 @@ import torch
 
 from qguard.engine.kvcache import ContiguousCache
 from qguard.errors import InputError
-from qguard.model.gen import (
+from qguard.families.gen import (
+    CATEGORIES_PREFIX,
     COLON,
+    CONVERSATION_MARK,
     GEN_MAX_NEW_TOKENS,
+    NO,
+    REFUSAL_PREFIX,
     SAFETY,
     SEVERITY_FIRST_TOKEN,
+    STOP,
+    YES,
     GenAnswer,
-    GenGuardModel,
-    ParseError,
+    answer_drafts,
+    find_after,
+    first_token_ids,
     guard_prompt_ids,
     moderation_target,
-    parse_answer,
+    read_answer,
+    target_categories,
 )
+from qguard.messages import Message, check_messages
+from qguard.model.gen import GenGuardModel
 from qguard.model.qwen3 import additive_mask
-from qguard.policy import Category
-from qguard.tokenizer import ENDOFTEXT, IM_END, Message, check_messages, encode
-
-CATEGORIES_PREFIX = (20970, 25)  # "Categories", ":"
-REFUSAL_PREFIX = (3945, 35414, 25)  # "Ref", "usal", ":"
-YES, NO = 7414, 2308
-STOP = (IM_END, ENDOFTEXT)
-CONVERSATION_MARK = "<BEGIN CONVERSATION>\n\n"
+from qguard.tokenizer import encode
 
 
 @dataclass
@@ -80,45 +83,6 @@ class GenRequest:
     target: str
     header: str  # the header text whose KV cache covers ids[:prefix_len] ("" = no sharing)
     prefix_len: int
-
-
-def first_token_ids(tokenizer) -> dict[str, int]:
-    """First token of " <name>" for None and every category (all distinct in the Qwen3 vocabulary)."""
-    ids = {"None": encode(tokenizer, " None")[0]}
-    for c in Category:
-        ids[c.value] = encode(tokenizer, " " + c.value)[0]
-    return ids
-
-
-def target_categories(first: dict[str, int], target: str) -> dict[str, int]:
-    """The category answers a target allows, for the softmax over them: a response cannot be Jailbreak
-    (spec section 1), so its probability mass is not handed to a label that cannot be given."""
-    return first if target == "prompt" else {k: t for k, t in first.items() if k != Category.JAILBREAK.value}
-
-
-def _find(seq: Sequence[int], pattern: Sequence[int]) -> int | None:
-    """Index just after the first occurrence of `pattern` in `seq`."""
-    n = len(pattern)
-    for i in range(len(seq) - n + 1):
-        if tuple(seq[i : i + n]) == tuple(pattern):
-            return i + n
-    return None
-
-
-def answer_drafts(tokenizer, target: str) -> list[list[int]]:
-    """Token ids of every single-category well-formed answer (+ stop token), most likely first.
-
-    Only a guess list: a wrong guess costs one more verification step, never a different answer.
-    """
-    cats = [c.value for c in Category if target == "prompt" or c is not Category.JAILBREAK]
-    refusals = ["No", "Yes"] if target == "response" else [None]
-    out = []
-    for sev in ("Safe", "Unsafe", "Controversial"):
-        for cat in (["None", *cats] if sev == "Safe" else [*cats, "None"]):
-            for ref in refusals:
-                text = f"Safety: {sev}\nCategories: {cat}" + (f"\nRefusal: {ref}" if ref else "")
-                out.append(encode(tokenizer, text) + [IM_END])
-    return out
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -235,9 +199,6 @@ class GenEngine:
 
     # ------------------------------------------------------------------------------------ requests
 
-    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        return self.prepare(messages).ids
-
     def prepare(self, messages: Sequence[Message]) -> GenRequest:
         """Render and tokenize one conversation; raises InputError for anything that cannot run."""
         messages = check_messages(messages)
@@ -281,9 +242,6 @@ class GenEngine:
 
     def classify(self, batch: Sequence[Sequence[Message]]) -> list[GenResult]:
         return self.run([self.prepare(m) for m in batch])
-
-    def classify_one(self, messages: Sequence[Message]) -> GenResult:
-        return self.classify([messages])[0]
 
     def run(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         """Results in the order of `requests`; batches are formed internally by header and length."""
@@ -406,12 +364,12 @@ class GenEngine:
     def _record_probs(self, r: _Row, logits: torch.Tensor) -> None:
         """Category / refusal probabilities at the first position right after their prefixes."""
         g = r.gen
-        if r.cat_probs is None and tuple(g[-2:]) == CATEGORIES_PREFIX and _find(g, CATEGORIES_PREFIX) == len(g):
+        if r.cat_probs is None and tuple(g[-2:]) == CATEGORIES_PREFIX and find_after(g, CATEGORIES_PREFIX) == len(g):
             first = target_categories(self.cat_first, r.req.target)
             c = torch.stack([logits[t] for t in first.values()]).softmax(-1)
             r.cat_probs = {k: float(p) for k, p in zip(first, c)}
         if r.req.target == "response" and r.ref_prob is None and tuple(g[-3:]) == REFUSAL_PREFIX \
-                and _find(g, REFUSAL_PREFIX) == len(g):
+                and find_after(g, REFUSAL_PREFIX) == len(g):
             r.ref_prob = float(torch.stack([logits[YES], logits[NO]]).softmax(-1)[0])
 
     @torch.inference_mode()
@@ -424,10 +382,7 @@ class GenEngine:
         text = self.tokenizer.decode(r.gen, skip_special_tokens=False)
         sev = torch.stack([r.sev_logits[t] for t in SEVERITY_FIRST_TOKEN.values()]).softmax(-1)
         severity_probs = {s.value: float(p) for s, p in zip(SEVERITY_FIRST_TOKEN, sev)}
-        try:
-            answer, error = parse_answer(text, r.req.target), None
-        except ParseError as e:
-            answer, error = None, f"unparseable guard answer: {e}"
+        answer, error = read_answer(text, r.req.target)
         return GenResult(text, answer, error, severity_probs, r.cat_probs, r.ref_prob, len(r.req.ids),
                          r.req.target, list(r.gen))
 

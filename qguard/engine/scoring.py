@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from qguard.checkpoint import StreamLabels
+# one position's probabilities as verdict dicts: the family's readers (tests and benchmarks import them here)
+from qguard.families.stream import argmax_label, probs_dict, severity_probs  # noqa: F401
 from qguard.model.qwen3 import padded_causal_mask
 from qguard.model.stream import StreamGuardModel
-from qguard.policy import Category, Severity
 
 
 @dataclass
@@ -25,24 +25,6 @@ class TokenScores:
     category: torch.Tensor  # [T, n_cat] response category head
     query_risk: torch.Tensor  # [T, n_qrisk]
     query_category: torch.Tensor  # [T, n_qcat]
-
-
-def probs_dict(p: torch.Tensor, names: Sequence) -> dict[str, float]:
-    """{label: prob} summed per taxonomy name (a config could list a name twice)."""
-    out: dict[str, float] = {}
-    for name, v in zip(names, p.tolist()):
-        out[name.value] = out.get(name.value, 0.0) + float(v)
-    return out
-
-
-def severity_probs(p: torch.Tensor, names: Sequence[Severity]) -> dict[str, float]:
-    d = dict.fromkeys((s.value for s in (Severity.SAFE, Severity.UNSAFE, Severity.CONTROVERSIAL)), 0.0)
-    d.update(probs_dict(p, names))
-    return d
-
-
-def argmax_label(p: torch.Tensor, names: Sequence) -> Severity | Category:
-    return names[int(p.argmax())]
 
 
 @torch.inference_mode()
@@ -75,7 +57,3 @@ def score_sequences(model: StreamGuardModel, seqs: Sequence[Sequence[int]], batc
         start = end
     return out  # type: ignore[return-value]
 
-
-def labels_of(scores: TokenScores, labels: StreamLabels, start: int, end: int) -> list[Severity]:
-    idx = scores.risk[start:end].argmax(-1).tolist()
-    return [labels.risk[i] for i in idx]

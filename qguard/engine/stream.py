@@ -17,8 +17,8 @@ returns every token of the run in one tensor with a row range per slot, so calle
 with a few tensor ops and one conversion to Python instead of per-session slices; `run` cuts that into
 per-slot `HeadProbs` views for callers that want tensors per session.
 
-The verdict logic (reading positions, debounce, policy) lives in `qguard.stream`; this module returns
-probabilities only.
+The verdict logic (reading positions, debounce, policy) lives in `qguard.families.stream`, the sessions
+in `qguard.runtime.stream`; this module returns probabilities only.
 """
 
 from __future__ import annotations

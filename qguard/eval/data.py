@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qguard.data import schema
+from qguard.data.jsonl import read_jsonl
 from qguard.errors import InputError, LabelError
-from qguard.jsonl import read_jsonl
-from qguard.policy import parse_category
-from qguard.tokenizer import Message, check_messages
+from qguard.messages import Message
 
-GOLD_LABELS = ("Safe", "Unsafe")
-TASKS = ("prompt", "response")
+GOLD_LABELS = tuple(s.value for s in schema.GOLD_LABELS)  # ("Safe", "Unsafe"): benchmarks have no Controversial
+TASKS = schema.TASKS
 
 
 @dataclass(frozen=True)
@@ -39,59 +39,17 @@ class Sample:
         return self.messages[-1]["content"]
 
 
-def _field(row: dict[str, Any], key: str, types: type | tuple[type, ...], where: str) -> Any:
-    if key not in row:
-        raise InputError(f"{where}: missing field {key!r}")
-    if not isinstance(row[key], types):
-        raise InputError(f"{where}: field {key!r} has the wrong type ({type(row[key]).__name__})")
-    return row[key]
-
-
-def _span(row: dict[str, Any], text: str, where: str) -> tuple[int, int] | None:
-    span = row.get("unsafe_span")
-    if span is None:
-        return None
-    ok = (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) for x in span)
-          and 0 <= span[0] < span[1] <= len(text))
-    if not ok:
-        raise InputError(f"{where}: unsafe_span must be [start, end) with 0 <= start < end <= {len(text)}")
-    if row["task"] != "response":
-        raise InputError(f"{where}: unsafe_span is only meaningful on response rows")
-    return span[0], span[1]
-
-
 def parse_row(row: Any, benchmark: str, where: str) -> Sample:
-    """Validate one decoded JSON object; `where` is "file:line" for error messages."""
-    if not isinstance(row, dict):
-        raise InputError(f"{where}: expected a JSON object")
-    sid = _field(row, "id", (str, int), where)
-    task = _field(row, "task", str, where)
-    if task not in TASKS:
-        raise InputError(f"{where}: task must be 'prompt' or 'response', got {task!r}")
-    label = _field(row, "label", str, where)
-    if label not in GOLD_LABELS:
-        raise InputError(f"{where}: label must be 'Safe' or 'Unsafe', got {label!r}")
+    """Validate one decoded JSON object (`qguard.data.schema`, with eval's rules: an `id` on every row,
+    gold Safe or Unsafe, a non-empty `unsafe_span`); `where` is "file:line" for error messages."""
     try:
-        messages = check_messages(_field(row, "messages", list, where))
-    except InputError as e:
-        raise InputError(f"{where}: {e}") from None
-    want = "user" if task == "prompt" else "assistant"
-    if messages[-1]["role"] != want:
-        raise InputError(f"{where}: a {task} row must end with a {want} message")
-    if not isinstance(row.get("categories") or [], list):
-        raise InputError(f"{where}: categories must be a list of names, got {type(row['categories']).__name__}")
-    try:
-        cats = tuple(parse_category(c).value for c in row.get("categories") or [])
-    except LabelError as e:
-        raise InputError(f"{where}: {e}") from None
-    refusal = row.get("refusal")
-    if refusal is not None and not isinstance(refusal, bool):
-        raise InputError(f"{where}: refusal must be true, false or null")
-    basis = (row.get("source_labels") or {}).get("label_basis") if isinstance(row.get("source_labels"), dict) else None
+        r = schema.parse_row(row, where, labels=schema.GOLD_LABELS, require_id=True, empty_span=False)
+    except LabelError as e:  # a bad eval file is the user's input, whatever part of it is wrong
+        raise InputError(str(e)) from None
     return Sample(
-        id=str(sid), benchmark=benchmark, task=task, messages=messages, label=label, categories=cats,
-        refusal=refusal, lang=str(row.get("lang") or "unknown"), collection_label=basis == "collection",
-        unsafe_span=_span(row, messages[-1]["content"], where),
+        id=r.id, benchmark=benchmark, task=r.task, messages=list(r.messages), label=r.label.value,
+        categories=tuple(c.value for c in r.categories), refusal=r.refusal, lang=r.lang or "unknown",
+        collection_label=r.collection_label, unsafe_span=r.unsafe_span,
     )
 
 

@@ -13,9 +13,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from qguard.policy import Category
+from qguard.taxonomy import SEVERITY_KEYS, Category
 
-SAFE, UNSAFE, CONTROVERSIAL = "Safe", "Unsafe", "Controversial"
+SAFE, UNSAFE, CONTROVERSIAL = SEVERITY_KEYS
 MODES = ("strict", "loose")
 LATENCY_BINS = ("Ahead", "Hit", "1-32", "33-64", "65-128", "129-256", ">256", "Safe")
 _LATENCY_EDGES = ((32, "1-32"), (64, "33-64"), (128, "65-128"), (256, "129-256"))
@@ -225,7 +225,7 @@ def latency_histogram(bins: Sequence[str]) -> dict | None:
 
 def severity_confusion(gold: Sequence[str], pred: Sequence[str]) -> dict[str, dict[str, int]]:
     """Gold (Safe/Unsafe) x predicted three-tier label counts."""
-    m = {g: dict.fromkeys((SAFE, UNSAFE, CONTROVERSIAL), 0) for g in (SAFE, UNSAFE)}
+    m = {g: dict.fromkeys(SEVERITY_KEYS, 0) for g in (SAFE, UNSAFE)}
     for g, p in zip(gold, pred):
         m[g][p] += 1
     return m

@@ -16,6 +16,7 @@ from typing import Any
 from qguard.errors import InputError
 from qguard.eval.metrics import LATENCY_BINS, MODES
 from qguard.eval.suites import CUSTOM
+from qguard.taxonomy import SEVERITY_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ def _heatmap(ax, matrix: list[list[int]], rows: list[str], cols: list[str], titl
 def _plot_severity(Figure, res: dict):
     """Gold x predicted severity, summed per suite."""
     per_suite: dict[str, list[list[int]]] = {}
-    cols = ["Safe", "Unsafe", "Controversial"]
+    cols = list(SEVERITY_KEYS)
     for b in res["benchmarks"].values():
         m = per_suite.setdefault(b["suite"], [[0] * 3, [0] * 3])
         for i, g in enumerate(("Safe", "Unsafe")):

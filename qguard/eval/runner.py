@@ -20,8 +20,8 @@ from qguard.eval import metrics as M
 from qguard.eval.data import Sample, find_files, read_benchmark, subsample
 from qguard.eval.spans import span_to_tokens
 from qguard.eval.suites import benchmark, select, suite_order
+from qguard.families.stream import stream_layout
 from qguard.policy import Severity, Verdict
-from qguard.tokenizer import stream_layout
 
 
 @dataclass
@@ -101,7 +101,7 @@ def prediction_row(guard, sample: Sample, v: Verdict | str, is_stream: bool) -> 
 def predict_benchmark(guard, samples: list[Sample], cfg: EvalConfig) -> tuple[list[dict], Timing]:
     from tqdm import tqdm
 
-    is_stream = getattr(guard.kind, "value", guard.kind) == "stream"
+    is_stream = getattr(guard, "live", False)  # per-token positions, hence a detection latency
     rows: list[dict] = []
     timing = Timing()
     bar = tqdm(total=len(samples), desc=samples[0].benchmark, unit="row", disable=not cfg.progress,
@@ -231,6 +231,11 @@ def run_eval(guard, cfg: EvalConfig, data: dict[str, list[Sample]] | None = None
 
 
 def _version() -> str:
-    from qguard import __version__
+    # the installed distribution's version, as `qguard --version` reports it (not `qguard.__version__`:
+    # the package root sits above eval/ in the layering)
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("qguard")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"

@@ -1,6 +1,6 @@
 """Map a gold `unsafe_span` (characters of the assistant message) onto answer-token indices.
 
-Latency is measured in the answer tokens of `qguard.tokenizer.stream_layout` (the runner shifts the
+Latency is measured in the answer tokens of `qguard.families.stream.stream_layout` (the runner shifts the
 Guard's `unsafe_position`, which counts moderated reasoning tokens first, into that frame): the tokens
 after `</think>\\n\\n`. The chat template renders the answer as a suffix of the message
 content (it drops leading newlines and any reasoning before `</think>`), and stream_layout encodes that
@@ -14,7 +14,9 @@ from bisect import bisect_right
 from collections.abc import Sequence
 
 from qguard.errors import InputError
-from qguard.tokenizer import Message, encode_text_offsets, stream_layout
+from qguard.families.stream import stream_layout
+from qguard.messages import Message
+from qguard.tokenizer import encode_text_offsets
 
 
 def answer_offsets(tokenizer, messages: Sequence[Message], *,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qguard.errors import CheckpointError
+from qguard.errors import CheckpointError, InputError
 
 
 @dataclass
@@ -228,6 +228,12 @@ def _aliases(linears: Sequence[nn.Linear], fused: FusedLinear | None) -> bool:
     return all(lin.weight.untyped_storage().data_ptr() == ptr for lin in linears)
 
 
+class QuantizedModelError(InputError):
+    """An operation that needs the full-precision weights was asked of a quantized model
+    (`qguard.model.quant`, which re-exports it). It lives here, beside `InferenceFusion.quantized`,
+    so that the decoder never imports the quantizer built on it."""
+
+
 class InferenceFusion(nn.Module):
     """A module with an inference-only fused form: groups of Linears that read the same input run as one
     matmul (q/k/v, gate/up, the guard heads).
@@ -288,8 +294,6 @@ class InferenceFusion(nn.Module):
 
     def _unfuse(self) -> None:
         if self.quantized:
-            from qguard.model.quant import QuantizedModelError
-
             raise QuantizedModelError(f"this model has {self.quantized} weights (quantize=...): it is inference-only "
                                       "and cannot be unfused or trained; load the original checkpoint without quantize")
         if not self.fused:

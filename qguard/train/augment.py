@@ -16,8 +16,9 @@ import logging
 import random
 from dataclasses import replace
 
-from qguard.policy import Severity
-from qguard.train.data import Row, is_refusal
+from qguard.data.schema import Row
+from qguard.taxonomy import Severity
+from qguard.train.data import is_refusal
 
 LANGUAGES = ("French", "Spanish", "German", "Chinese", "Japanese", "Korean", "Arabic", "Russian", "Hindi",
              "Portuguese", "Italian", "Turkish")

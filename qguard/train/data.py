@@ -13,120 +13,20 @@ response token. `splice` builds responses with a benign opening before unsafe te
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-from qguard.errors import InputError, LabelError
-from qguard.jsonl import read_jsonl
-from qguard.policy import (
-    SEVERITIES,
-    STREAM_CATEGORY_ORDER,
-    Category,
-    Severity,
-    parse_category,
-    parse_severity,
-)
-from qguard.tokenizer import IM_END, check_messages, encode_text_offsets, stream_layout
+# The row schema lives in qguard.data.schema; these names stay importable from here.
+from qguard.data.schema import Row, expand_paths, guard_against_eval, parse_row, read_rows  # noqa: F401
+from qguard.errors import InputError
+from qguard.families.stream import stream_layout
+from qguard.taxonomy import SEVERITIES, STREAM_CATEGORY_ORDER, Category, Severity
+from qguard.tokenizer import IM_END, encode_text_offsets
 
 RISK_INDEX = {s: i for i, s in enumerate(SEVERITIES)}  # Safe 0, Unsafe 1, Controversial 2 (config order)
 QUERY_CATEGORIES: tuple[Category, ...] = STREAM_CATEGORY_ORDER  # 9 classes, Jailbreak last
 RESPONSE_CATEGORIES: tuple[Category, ...] = STREAM_CATEGORY_ORDER[:8]
 IGNORE = -100  # label of positions that carry no loss
-
-
-@dataclass(frozen=True)
-class Row:
-    """One canonical JSONL record (see ../shared/data/README.md), validated."""
-
-    id: str
-    task: str  # "prompt" | "response"
-    messages: tuple[dict, ...]
-    label: Severity
-    categories: tuple[Category, ...] = ()
-    refusal: bool | None = None
-    lang: str = ""
-    source: str = ""
-    unsafe_span: tuple[int, int] | None = None  # [start, end) chars in the judged assistant text
-    hard_negative: bool = False  # benign text with risky-looking words (source_labels.hard_negative)
-
-    @property
-    def text(self) -> str:
-        """The judged turn's text (the last message)."""
-        return self.messages[-1]["content"]
-
-
-def parse_row(obj: object, where: str) -> Row:
-    """Validate one decoded JSON object; raise InputError/LabelError naming `where` (file:line)."""
-    if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("task", "messages", "label"):
-        if key not in obj:
-            raise InputError(f"{where}: missing field {key!r}")
-    task = obj["task"]
-    if task not in ("prompt", "response"):
-        raise InputError(f"{where}: task must be 'prompt' or 'response', got {task!r}")
-    try:
-        msgs = check_messages(obj["messages"])
-    except InputError as e:
-        raise InputError(f"{where}: {e}") from None
-    want = "user" if task == "prompt" else "assistant"
-    if msgs[-1]["role"] != want:
-        raise InputError(f"{where}: a {task} row must end with a {want} message, not {msgs[-1]['role']}")
-    if not isinstance(obj.get("categories") or [], list):
-        raise InputError(f"{where}: categories must be a list of names, got {type(obj['categories']).__name__}")
-    try:
-        label = parse_severity(str(obj["label"]))
-        cats = tuple(dict.fromkeys(parse_category(str(c)) for c in obj.get("categories") or ()))
-    except LabelError as e:
-        raise LabelError(f"{where}: {e}") from None
-    if task == "response" and Category.JAILBREAK in cats:
-        raise LabelError(f"{where}: 'Jailbreak' is a prompt-only category, found on a response row")
-    return Row(id=str(obj.get("id", where)), task=task, messages=tuple(msgs), label=label, categories=cats,
-               refusal=obj.get("refusal"), lang=str(obj.get("lang") or ""), source=str(obj.get("source") or ""),
-               unsafe_span=_span(obj.get("unsafe_span"), len(msgs[-1]["content"]), where),
-               hard_negative=bool((obj.get("source_labels") or {}).get("hard_negative")))
-
-
-def _span(raw: object, n: int, where: str) -> tuple[int, int] | None:
-    if raw is None:
-        return None
-    ok = isinstance(raw, (list, tuple)) and len(raw) == 2 and all(isinstance(x, int) for x in raw)
-    if not ok or not 0 <= raw[0] <= raw[1] <= n:
-        raise InputError(f"{where}: unsafe_span must be [start, end) inside the judged text, got {raw!r}")
-    return (raw[0], raw[1])
-
-
-def read_rows(path: str | Path) -> list[Row]:
-    """All rows of one JSONL file. Blank lines are skipped; anything else malformed is an error."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"training data file not found: {p}")
-    return [parse_row(obj, where) for where, obj in read_jsonl(p)]
-
-
-def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given; directories expand to their *.jsonl files (sorted)."""
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(p.glob("*.jsonl"))
-            if not found:
-                raise InputError(f"{p}: no *.jsonl files in this directory")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise InputError(f"training data not found: {p}")
-    return out
-
-
-def guard_against_eval(paths: Sequence[Path]) -> None:
-    """Refuse files under an `eval` folder: evaluation data must never be trained on."""
-    for p in paths:
-        if "eval" in p.resolve().parts:
-            raise InputError(f"{p} is in an eval/ folder; evaluation data is never used for training")
 
 
 # -------------------------------------------------------------------------------------------- labels

@@ -9,10 +9,7 @@ The result is saved in the official Gen format (Qwen3ForCausalLM, tied embedding
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,28 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qguard.checkpoint import build_gen_model, open_checkpoint, save_weights, staged_dir
+from qguard.data.schema import Row
 from qguard.errors import InputError
-from qguard.model.gen import GenGuardModel, guard_prompt_ids
-from qguard.policy import Severity
-from qguard.tokenizer import ASSETS, ENDOFTEXT, IM_END
+from qguard.families import gen as family
+from qguard.model.gen import GenGuardModel
+from qguard.tokenizer import ENDOFTEXT, IM_END
 from qguard.train import dist as D
-from qguard.train.data import IGNORE, Row
+from qguard.train.data import IGNORE
+from qguard.train.loop import total_steps, train_loop
+from qguard.weights import open_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def answer_segments(row: Row) -> list[tuple[str, bool]]:
-    """The Gen answer as (text, trained?) pieces."""
-    cats = ", ".join(c.value for c in row.categories)
-    if row.label is Severity.SAFE:
-        cat_seg = ("None", True)
-    else:  # an Unsafe row without categories: a placeholder that carries no loss
-        cat_seg = (cats, True) if cats else ("None", False)
-    segs = [("Safety: " + row.label.value, True), ("\nCategories: ", True), cat_seg]
-    if row.task == "response":
-        segs += [("\nRefusal: ", True), ("Yes" if row.refusal else "No", row.refusal is not None)]
-    return segs
 
 
 @dataclass
@@ -56,8 +42,8 @@ class GenExample:
 def encode_gen_row(tok, row: Row, max_content_chars: int = 4000) -> GenExample:
     """Prompt + answer ids; labels[i] is the token at i+1 when that token is a trained answer token."""
     msgs = [dict(m, content=_cut(m["content"], max_content_chars)) for m in row.messages]
-    _, prompt = guard_prompt_ids(tok, msgs)  # content as text, as Guard reads it
-    segs = answer_segments(row)
+    _, prompt = family.guard_prompt_ids(tok, msgs)  # content as text, as Guard reads it
+    segs = family.answer_segments(row.label, row.categories, row.refusal, row.task)
     text = "".join(s for s, _ in segs)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     untrained, at = [], 0
@@ -125,67 +111,44 @@ def collate_gen(examples: Sequence[GenExample], device) -> tuple[torch.Tensor, t
 
 def train_gen(cfg: GenTrainConfig, examples: Sequence[GenExample], ctx: D.DistContext | None = None) -> dict[str, Any]:
     """SFT on encoded examples; returns the loss history and writes the checkpoint (rank 0) if cfg.out."""
-    from qguard.train.stream import Schedule, _out_of_time, check_finite, make_batches
-
     if not examples:
         raise InputError("no training examples")
     ctx = ctx or D.setup(cfg.device, cfg.strategy)
-    lm = build_gen_model(open_checkpoint(cfg.init), torch.device("cpu"), torch.float32).train()
+    lm = family.build_model(open_checkpoint(cfg.init), torch.device("cpu"), torch.float32).train()
     model = ctx.wrap(GenLoss(lm).to(ctx.device))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = random.Random(cfg.seed)
-    per_epoch = math.ceil(len(make_batches(examples, cfg.batch_tokens, random.Random(0))) / ctx.world)
-    total = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
-    sched = Schedule(opt, min(cfg.warmup_steps, max(1, total // 10)), total, cfg.max_minutes)
-    t0, step, epoch, history = time.monotonic(), 0, 0, []
-    while step < total and not _out_of_time(cfg, t0):  # type: ignore[arg-type]
-        for idx in ctx.shard(make_batches(examples, cfg.batch_tokens, rng), epoch, cfg.seed):
-            loss = model(*collate_gen([examples[i] for i in idx], ctx.device))
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            sched.step(step)
-            history.append(ctx.mean(float(loss.detach())))
-            check_finite({"loss": history[-1]}, step)
-            if ctx.is_main and step % cfg.log_every == 0:
-                log.info("gen step %d/%d loss %.4f", step, total, history[-1])
-            if step >= total or _out_of_time(cfg, t0):  # type: ignore[arg-type]
-                break
-        epoch += 1
+    total = total_steps(examples, cfg.batch_tokens, ctx.world, cfg.epochs, cfg.max_steps)
+    t0, history = time.monotonic(), []
+
+    def step(idx: list[int]) -> dict[str, float]:
+        loss = model(*collate_gen([examples[i] for i in idx], ctx.device))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": ctx.mean(float(loss.detach()))}  # the mean over ranks: all stop together on a NaN
+
+    def on_step(n: int, losses: dict[str, float], last: bool) -> None:
+        history.append(losses["loss"])
+        if ctx.is_main and n % cfg.log_every == 0:
+            log.info("gen step %d/%d loss %.4f", n, total, losses["loss"])
+
+    steps = train_loop(ctx, examples, opt, step, total=total, batch_tokens=cfg.batch_tokens, seed=cfg.seed,
+                       warmup_steps=cfg.warmup_steps, max_minutes=cfg.max_minutes, on_step=on_step)
     final = D.unwrap(model).lm
     if cfg.out is not None:
         sd = D.full_state_dict(final)  # a collective under FSDP: every rank takes part
         if ctx.is_main:
             save_gen(final, Path(cfg.out), cfg.save_dtype, sd)
     ctx.barrier()
-    return {"model": final.eval(), "steps": step, "losses": history, "seconds": time.monotonic() - t0}
-
-
-def gen_config_dict(model: GenGuardModel, dtype: str) -> dict[str, Any]:
-    c = model.config
-    return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": c.attention_bias, "attention_dropout": 0.0,
-        "hidden_act": "silu", "torch_dtype": dtype, "bos_token_id": 151643, "eos_token_id": 151645,
-    }
+    return {"model": final.eval(), "steps": steps, "losses": history, "seconds": time.monotonic() - t0}
 
 
 def save_gen(model: GenGuardModel, out: Path, dtype: str = "bfloat16",
              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """config.json + model.safetensors (no lm_head when tied) + tokenizer with the guard chat template."""
-    from qguard.testing import copy_tokenizer
-
     sd = state_dict if state_dict is not None else D.full_state_dict(model)
     tensors = {k: v.to(getattr(torch, dtype)) for k, v in sd.items()
                if not k.endswith("inv_freq") and not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-    with staged_dir(out) as tmp:  # all or nothing (qguard.checkpoint.staged_dir)
-        (tmp / "config.json").write_text(json.dumps(gen_config_dict(model, dtype), indent=2) + "\n", "utf-8")
-        save_weights(tensors, tmp)
-        copy_tokenizer(tmp, (ASSETS / "qwen3guard_gen_template.jinja").read_text("utf-8"))
-    return out
+    return write_checkpoint(out, family.config_dict(model.config, dtype), tensors,
+                            chat_template=family.CHAT_TEMPLATE.read_text("utf-8"))

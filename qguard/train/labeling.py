@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 import torch
 
+from qguard.data.schema import Row
 from qguard.errors import InputError
-from qguard.policy import Severity
-from qguard.tokenizer import Message
-from qguard.train.data import Row, encode_rows
+from qguard.messages import Message
+from qguard.taxonomy import Severity
+from qguard.train.data import encode_rows
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,9 @@ class StreamCrossTrainer:
 def unsafe_probs(model, examples) -> list[float]:
     """P(Unsafe or Controversial): the query head at the user `<|im_end|>` for prompts; for responses the
     highest min(p[i-1], p[i]) over consecutive tokens (the debounce rule in probabilities)."""
-    from qguard.train.stream import collate, make_batches
+    from qguard.families.stream import debounced_unsafe_score
+    from qguard.train.loop import make_batches
+    from qguard.train.stream import collate
 
     model.eval()
     out = [0.0] * len(examples)
@@ -281,6 +284,5 @@ def unsafe_probs(model, examples) -> list[float]:
             if e.query_pos >= 0:
                 out[i] = float(q[row, e.query_pos])
                 continue
-            p = r[row, e.resp_start: e.resp_start + len(e.resp_labels)]
-            out[i] = float(torch.minimum(p[1:], p[:-1]).max()) if len(p) > 1 else 0.0
+            out[i] = debounced_unsafe_score(r[row, e.resp_start: e.resp_start + len(e.resp_labels)])
     return out

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from qguard.errors import InputError
 from qguard.model.stream import StreamGuardModel
 from qguard.tokenizer import ENDOFTEXT
+from qguard.train.loop import Schedule, check_finite, make_batches
 from qguard.train.optim import TrainOptimizer
-from qguard.train.stream import Schedule, check_finite, make_batches
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Steps (docs/starter_model.md explains them and the numbers):
    (`qguard.train.pretrain`, labels unused), then train the Stream model from it with the report's losses;
 5. write the official Stream format (bf16 weights, no tokenizer files: the loader's offline Qwen3
    tokenizer is byte-identical and keeps the artifact under 30 MB) plus a model card;
-6. fit calibrated temperatures on the dev slice (`qguard.calibration`) into `qguard_calibration.json`.
+6. fit calibrated temperatures on the dev slice (`qguard.eval.calibration`) into `qguard_calibration.json`.
 """
 
 from __future__ import annotations
@@ -27,21 +27,12 @@ from typing import Any
 
 import torch
 
+from qguard.data.schema import Row, expand_paths, guard_against_eval, read_rows
 from qguard.errors import InputError
-from qguard.policy import Severity
+from qguard.taxonomy import Severity
 from qguard.tokenizer import load_tokenizer
 from qguard.train import augment, labeling
-from qguard.train.data import (
-    Row,
-    encode_row,
-    encode_rows,
-    expand_paths,
-    guard_against_eval,
-    is_refusal,
-    read_rows,
-    spliced_rows,
-    with_prompt,
-)
+from qguard.train.data import encode_row, encode_rows, is_refusal, spliced_rows, with_prompt
 from qguard.train.pretrain import PretrainConfig, pretrain_backbone
 from qguard.train.stream import (
     DEFAULT_ARCH,
@@ -260,8 +251,9 @@ def training_rows(r: StarterRecipe, train_rows: list[Row], rng: random.Random,
 def calibrate_starter(out: Path, dev_rows: list[Row], seed: int) -> dict[str, Any]:
     """Fit the saved model's temperatures on the dev slice (train rows it never saw; never eval/) and
     write `qguard_calibration.json` next to it, so every qguard command loads calibrated scores."""
-    from qguard.calibration import FILE_NAME, fit
-    from qguard.guard import Guard
+    from qguard.eval.calibration import fit
+    from qguard.runtime.calibration import FILE_NAME
+    from qguard.runtime.guard import Guard
 
     if not any(r.task in ("prompt", "response") and any(m["role"] == "user" for m in r.messages) for r in dev_rows):
         log.warning("no dev rows to calibrate on (tiny data or --dev-fraction 0): raw probabilities")

@@ -9,9 +9,7 @@ The checkpoint written at the end is in the official Stream format, loadable by 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -23,16 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qguard.checkpoint import build_stream_model, open_checkpoint, save_weights, staged_dir
-from qguard.errors import InputError, TrainingError
+from qguard.errors import InputError
+from qguard.families import stream as family
 from qguard.model.qwen3 import Qwen3Config
-from qguard.model.stream import HEAD_TENSORS, StreamGuardModel, StreamHeadConfig, StreamOutput
-from qguard.policy import SEVERITIES, Severity, debounce
+from qguard.model.stream import StreamGuardModel, StreamHeadConfig, StreamOutput
+from qguard.taxonomy import SEVERITIES, Severity
 from qguard.tokenizer import ENDOFTEXT
 from qguard.train import dist as D
 from qguard.train.data import IGNORE, QUERY_CATEGORIES, RESPONSE_CATEGORIES, RISK_INDEX, Example
+from qguard.train.loop import (  # Schedule, check_finite, make_batches: still importable from here
+    Schedule,  # noqa: F401
+    check_finite,  # noqa: F401
+    make_batches,
+    total_steps,
+    train_loop,
+)
 from qguard.train.lora import add_lora, merge_lora
 from qguard.train.optim import TrainOptimizer
+from qguard.weights import open_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +102,7 @@ def fresh_model(arch: dict[str, Any], seed: int) -> StreamGuardModel:
 def initial_model(cfg: StreamTrainConfig) -> StreamGuardModel:
     if cfg.init is None:
         return fresh_model(cfg.arch, cfg.seed)
-    model, _ = build_stream_model(open_checkpoint(cfg.init), torch.device("cpu"), torch.float32)
+    model, _ = family.build_model(open_checkpoint(cfg.init), torch.device("cpu"), torch.float32)
     return model.train()
 
 
@@ -142,26 +148,6 @@ def collate(examples: Sequence[Example], device: torch.device | str = "cpu") -> 
         resp_cat=rcat, resp_cat_mask=torch.tensor([e.resp_cat is not None for e in examples]),
     )
     return Batch(**{k: v.to(device) for k, v in vars(b).items()})
-
-
-def make_batches(examples: Sequence[Example], batch_tokens: int, rng: random.Random) -> list[list[int]]:
-    """Index lists of similar-length examples with at most `batch_tokens` padded tokens each, shuffled."""
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    batches: list[list[int]] = []
-    pool = 64 * max(1, batch_tokens // 128)  # sort within pools: little padding, still random
-    for s in range(0, len(order), pool):
-        chunk = sorted(order[s: s + pool], key=lambda i: len(examples[i].ids))
-        cur: list[int] = []
-        for i in chunk:
-            if cur and (len(cur) + 1) * len(examples[i].ids) > batch_tokens:
-                batches.append(cur)
-                cur = []
-            cur.append(i)
-        if cur:
-            batches.append(cur)
-    rng.shuffle(batches)
-    return batches
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -231,30 +217,6 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-class Schedule:
-    """Linear warmup, then cosine to 10% of the peak. Progress is the larger of steps done / total and
-    time spent / budget, so a run cut by its wall-clock budget still ends at a low learning rate."""
-
-    def __init__(self, opt: torch.optim.Optimizer | TrainOptimizer, warmup: int, total: int, minutes: float | None):
-        self.opt, self.warmup, self.total, self.minutes = opt, warmup, total, minutes
-        self.base = [g["lr"] for g in opt.param_groups]
-        self.t0 = time.monotonic()
-        self.step(0)
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        t = (step - self.warmup) / max(1, self.total - self.warmup)
-        if self.minutes:
-            t = max(t, (time.monotonic() - self.t0) / (self.minutes * 60))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    def step(self, step: int) -> None:
-        f = self.factor(step)
-        for g, lr in zip(self.opt.param_groups, self.base):
-            g["lr"] = lr * f
-
-
 def train_stream(cfg: StreamTrainConfig, examples: Sequence[Example], ctx: D.DistContext | None = None,
                  model: StreamGuardModel | None = None) -> TrainResult:
     """Train on `examples` (already encoded); write the checkpoint to cfg.out on rank 0 if set.
@@ -267,30 +229,20 @@ def train_stream(cfg: StreamTrainConfig, examples: Sequence[Example], ctx: D.Dis
     model = initial_model(cfg) if model is None else model.train()
     prepare_backbone(model, cfg.backbone, cfg.lora_rank)
     model = ctx.wrap(model.to(ctx.device).train())
-    rng = random.Random(cfg.seed)
-    per_epoch = math.ceil(len(make_batches(examples, cfg.batch_tokens, random.Random(0))) / ctx.world)
-    total = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
+    total = total_steps(examples, cfg.batch_tokens, ctx.world, cfg.epochs, cfg.max_steps)
     opt = TrainOptimizer(model, cfg.lr, cfg.weight_decay, sparse_embedding=cfg.sparse_embedding and not ctx.enabled)
-    sched = Schedule(opt, min(cfg.warmup_steps, max(1, total // 10)), total, cfg.max_minutes)
     weights = loss_weights(cfg, examples, ctx.device)
-    t0, step, history = time.monotonic(), 0, []
-    epoch = 0
-    while step < total:
-        batches = ctx.shard(make_batches(examples, cfg.batch_tokens, rng), epoch, cfg.seed)
-        for idx in batches:
-            losses = _step(model, opt, collate([examples[i] for i in idx], ctx.device), weights)
-            step += 1
-            check_finite(losses, step)
-            sched.step(step)
-            last = step >= total or _out_of_time(cfg, t0)
-            if step % cfg.log_every == 0 or last:
-                history.append(_log(ctx, step, total, losses, t0))
-            if last:
-                break
-        if _out_of_time(cfg, t0):
-            log.info("stopping at step %d: the %.1f-minute budget is spent", step, cfg.max_minutes)
-            break
-        epoch += 1
+    t0, history = time.monotonic(), []
+
+    def step(idx: list[int]) -> dict[str, float]:
+        return _step(model, opt, collate([examples[i] for i in idx], ctx.device), weights)
+
+    def on_step(n: int, losses: dict[str, float], last: bool) -> None:
+        if n % cfg.log_every == 0 or last:
+            history.append(_log(ctx, n, total, losses, t0))
+
+    steps = train_loop(ctx, examples, opt, step, total=total, batch_tokens=cfg.batch_tokens, seed=cfg.seed,
+                       warmup_steps=cfg.warmup_steps, max_minutes=cfg.max_minutes, on_step=on_step)
     opt.close()
     final = D.unwrap(model)
     if cfg.backbone == "lora":
@@ -299,9 +251,9 @@ def train_stream(cfg: StreamTrainConfig, examples: Sequence[Example], ctx: D.Dis
         tensors = official_tensors(final, getattr(torch, cfg.save_dtype))  # a collective under FSDP: all ranks
         if ctx.is_main:
             save_stream(final, Path(cfg.out), cfg.save_dtype, cfg.tokenizer_files, tensors=tensors,
-                        extra={"qguard_training": {"steps": step, "examples": len(examples), "backbone": cfg.backbone}})
+                        extra={"qguard_training": {"steps": steps, "examples": len(examples), "backbone": cfg.backbone}})
     ctx.barrier()
-    return TrainResult(final.eval(), step, time.monotonic() - t0, history)
+    return TrainResult(final.eval(), steps, time.monotonic() - t0, history)
 
 
 def loss_weights(cfg: StreamTrainConfig, examples: Sequence[Example], device: torch.device) -> LossWeights:
@@ -322,18 +274,6 @@ def _step(model, opt: TrainOptimizer, batch: Batch, weights: LossWeights) -> dic
     opt.step()
     opt.zero_grad()
     return {k: float(v.detach()) for k, v in losses.items()}
-
-
-def check_finite(losses: dict[str, float], step: int) -> None:
-    """Stop a diverged run before it can save: a NaN model answers NaN, which reads as Safe."""
-    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-    if bad:
-        raise TrainingError(f"the loss became non-finite at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
-                            "nothing was saved. Lower --lr (or check the data) and run again")
-
-
-def _out_of_time(cfg: StreamTrainConfig, t0: float) -> bool:
-    return cfg.max_minutes is not None and time.monotonic() - t0 > cfg.max_minutes * 60
 
 
 def _log(ctx: D.DistContext, step: int, total: int, losses: dict[str, float], t0: float) -> dict[str, float]:
@@ -357,15 +297,8 @@ def predict(model: StreamGuardModel, examples: Sequence[Example], batch_tokens: 
         b = collate(group, device)
         o = model(b.ids)
         for r, (i, e) in enumerate(zip(idx, group)):
-            out[i] = _verdict(o, r, e)
+            out[i] = family.label_of(o, r, e)
     return out  # type: ignore[return-value]
-
-
-def _verdict(o: StreamOutput, r: int, e: Example) -> Severity:
-    if e.query_pos >= 0:
-        return SEVERITIES[int(o.query_risk_logits[r, e.query_pos].argmax())]
-    span = o.risk_logits[r, e.resp_start: e.resp_start + len(e.resp_labels)].argmax(-1).tolist()
-    return debounce([SEVERITIES[i] for i in span])[0]
 
 
 def gold(e: Example) -> Severity:
@@ -387,41 +320,15 @@ def unsafe_f1(preds: Sequence[Severity], golds: Sequence[Severity]) -> float:
 
 # ------------------------------------------------------------------------------------------------ save
 
-def stream_config_dict(model: StreamGuardModel, dtype: str) -> dict[str, Any]:
-    """config.json in the official Stream layout; label maps use the Gen category strings."""
-    c, h = model.config, model.head_config
-    risk = {str(i): s.value for i, s in enumerate(SEVERITIES)}
-    return {
-        "architectures": ["Qwen3ForGuardModel"], "model_type": "qwen3",
-        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": c.attention_bias, "attention_dropout": 0.0,
-        "hidden_act": "silu", "torch_dtype": dtype, "bos_token_id": 151643, "eos_token_id": 151645,
-        "guard_inner_size": h.guard_inner_size, "num_risk_level": h.num_risk_level, "num_category": h.num_category,
-        "num_query_risk_level": h.num_query_risk_level, "num_query_category": h.num_query_category,
-        "response_risk_level_map": risk, "query_risk_level_map": risk,
-        "response_category_map": {str(i): cat.value for i, cat in enumerate(RESPONSE_CATEGORIES)},
-        "query_category_map": {str(i): cat.value for i, cat in enumerate(QUERY_CATEGORIES)},
-    }
-
-
 def official_tensors(model: StreamGuardModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    local_to_official = {v: k for k, v in HEAD_TENSORS.items()}
-    sd = D.full_state_dict(model)
-    return {local_to_official.get(k, k): v.to(dtype) for k, v in sd.items() if not k.endswith("inv_freq")}
+    """The model's tensors under the official names (a collective under FSDP: every rank calls it)."""
+    return family.official_tensors(D.full_state_dict(model), dtype)
 
 
 def save_stream(model: StreamGuardModel, out: Path, dtype: str = "bfloat16", tokenizer_files: bool = True,
                 extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write config.json + model.safetensors (+ the Qwen3 tokenizer files) in the official format."""
-    from qguard.testing import copy_tokenizer
-
-    cfg = stream_config_dict(model, dtype) | (extra or {})
-    with staged_dir(out) as tmp:  # all or nothing, see staged_dir
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", "utf-8")
-        save_weights(tensors if tensors is not None else official_tensors(model, getattr(torch, dtype)), tmp)
-        if tokenizer_files:
-            copy_tokenizer(tmp)
-    return out
+    config = family.config_dict(model.config, model.head_config, dtype) | (extra or {})
+    if tensors is None:
+        tensors = official_tensors(model, getattr(torch, dtype))
+    return write_checkpoint(out, config, tensors, tokenizer_files=tokenizer_files)

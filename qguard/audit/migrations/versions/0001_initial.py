@@ -24,7 +24,8 @@ def _json() -> sa.types.TypeEngine:
 def upgrade() -> None:
     op.create_table(
         "qguard_audit",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
+                  autoincrement=True),
         sa.Column("time", sa.DateTime(timezone=True), nullable=False),
         sa.Column("request_id", sa.String(128)),
         sa.Column("endpoint", sa.String(64), nullable=False),
