@@ -195,6 +195,12 @@ def test_harmful_response_is_coloured_and_its_unsafe_position_matches_stream_tra
     judge(browser, HARM_PROMPT, HARM_RESPONSE)
     assert not el(browser, "message").is_displayed(), el(browser, "message").text  # no error on the way
     assert el(browser, "prompt-verdict").get_attribute("data-label") in ("Safe", "Controversial", "Unsafe")
+    # the picture is taken now, while the session is fresh (the CLI below may outlast its idle timeout)
+    shot = tmp_path / "playground.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get("QGUARD_PLAYGROUND_SHOT"):  # refresh docs/playground.png
+        shutil.copy(shot, os.environ["QGUARD_PLAYGROUND_SHOT"])
+    print(f"screenshot: {shot}")
     tokens, verdict = stream_trace_cli(starter_model_path(), HARM_PROMPT, HARM_RESPONSE)
     assert verdict["label"] == "Unsafe" and verdict["unsafe_position"] is not None  # the text is harmful
     # every token, its text and its label, as the CLI reads the whole text at once
@@ -210,11 +216,6 @@ def test_harmful_response_is_coloured_and_its_unsafe_position_matches_stream_tra
     assert len(browser.find_elements("css selector", "#chart polyline")) == 2
     title = browser.execute_script("return document.querySelector('#tokens .tok').title;")
     assert "P(unsafe)" in title and "P(controversial)" in title and "top category" in title  # the hover
-    shot = tmp_path / "playground.png"
-    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    if os.environ.get("QGUARD_PLAYGROUND_SHOT"):  # refresh docs/playground.png
-        shutil.copy(shot, os.environ["QGUARD_PLAYGROUND_SHOT"])
-    print(f"screenshot: {shot}")
     assert foreign_requests(browser, starter_server) == []
 
 
