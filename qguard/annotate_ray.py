@@ -407,7 +407,12 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(**kw)
     except Exception as e:  # ConnectionError, a version mismatch, a bad auth token, ...
         where = f"at {address}" if address else "(a new local cluster)"
-        raise InputError(f"cannot join the Ray cluster {where}: {type(e).__name__}: {_first_line(e)}") from None
+        hint = ""
+        if kw["address"] not in ("local", "auto") and "RAY_AUTH_MODE" not in os.environ:
+            # Ray sends its token to an explicit address only when told to (`ray start` turns token auth on)
+            hint = ("; if the cluster uses token authentication (the default of `ray start`), set "
+                    "RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN")
+        raise InputError(f"cannot join the Ray cluster {where}: {type(e).__name__}: {_first_line(e)}{hint}") from None
     return True
 
 

@@ -98,6 +98,29 @@ def test_int8_kernels_are_exact_and_agree():
         quant.pick_kernel("nope")
 
 
+def test_int8_kernel_is_chosen_by_measurement():
+    """Of the exact kernels, the one measured fastest on the weight's shape is used, whatever its name
+    (oneDNN ran a 100x slower reference path on one CPU with VNNI), and a slow one is dropped after the
+    one-row probe."""
+    import time
+
+    class Slow(quant.IntMMKernel):
+        name = "slow"
+        calls = 0
+
+        def mm(self, xq, packed, scale, dtype):
+            Slow.calls += 1
+            time.sleep(0.01)
+            return super().mm(xq, packed, scale, dtype)
+
+    fast, slow = quant.IntMMKernel(), Slow()
+    assert quant._fastest([slow, fast], 96, 64) is fast
+    assert quant._fastest([fast, slow], 96, 64) is fast
+    assert Slow.calls == 2 * 4  # warm-up + 3 timed runs at one row, never the 16-row probe
+    k = quant.pick_kernel(shape=(96, 64))
+    assert quant._exact(k) and quant.pick_kernel(shape=(96, 64)) is k  # measured once per shape
+
+
 def test_weight_only_small_and_large_batches_agree():
     g = torch.Generator().manual_seed(2)
     w, x = torch.randn(64, 48, generator=g), torch.randn(2 * Int8WeightLinear.SMALL_M, 48, generator=g)

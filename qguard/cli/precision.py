@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from qguard.cli import add_model_args, calibration_arg, model_name, model_source, output_file, positive_int
 from qguard.errors import InputError
@@ -253,7 +253,8 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def print_table(report: dict[str, Any], file=sys.stdout) -> None:
+def print_table(report: dict[str, Any], file: TextIO | None = None) -> None:
+    file = file or sys.stdout  # read at call time: a default bound at import misses a later redirect
     red = report["reduced"]
     print(f"check-precision: {report['model']} ({report['kind']}, {report['device']}): float32 vs "
           f"{red['dtype']}{', quantize ' + red['quantize'] if red['quantize'] else ''}", file=file)

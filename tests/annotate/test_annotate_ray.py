@@ -291,10 +291,12 @@ def _check_against_single_process(got: list[dict], ref: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_2000_rows_on_ray_equal_single_process_annotate(cluster, tiny_stream, stream_guard, tmp_path):
+def test_2000_rows_on_ray_equal_single_process_annotate(cluster, tiny_stream, stream_guard, tmp_path, capsys):
     inp, items = _dataset(tmp_path, 2000)
     out = tmp_path / "out.parquet"
-    s = annotate_ray(str(tiny_stream), inp, out, shard_rows=128, batch_size=32, actors=2, progress=False)
+    s = annotate_ray(str(tiny_stream), inp, out, shard_rows=128, batch_size=32, actors=2)
+    bar = capsys.readouterr().err  # the progress bar: rate, ETA, bad rows, shards committed
+    assert "row/s" in bar and "<" in bar and "2000/2000" in bar and "errors=3" in bar and "shards=16/16" in bar
     # single-process annotate writing one Parquet file: the same table (a column that one bad row makes
     # mixed, here `messages`, is JSON text in both)
     ref = pq.read_table(_single(stream_guard, inp, tmp_path / "ref.parquet")).to_pylist()

@@ -284,7 +284,7 @@ function onFrame(data) {
     S.serverVerdict = f.verdict;
     const v = f.verdict;
     $("server-verdict").textContent = `server's verdict (${v.mode}): ${v.label}` +
-      (v.unsafe_position === null ? "" : ` at token ${v.unsafe_position}`) + ` · n_tokens ${v.n_tokens}`;
+      (v.unsafe_position === null ? "" : ` at token ${v.unsafe_position}`) + ` · ${v.n_tokens} tokens with the prompt`;
     $("server-verdict").dataset.position = v.unsafe_position === null ? "" : String(v.unsafe_position);
     $("session-state").textContent = "judged";
   }
