@@ -12,7 +12,7 @@ in the same process on the same weights, so the ratios are what counts on a shar
   from other processes hit all of them alike.
 - qguard: `StreamGuard` sessions (public API: verdicts, debounce and policy included) at each concurrency;
   sessions are forked from one prefilled prompt (a KV copy), then every step pushes one token to each.
-  On CPU once per precision variant (--precisions): fp32, bf16, int8 / int8-weight decoder weights
+  On CPU once per precision variant (--precisions): fp32, bf16, int8 / int8-weight / int4-weight decoder weights
   (`qguard.model.quant`) with fp32 or bf16 (`bf16+int8`) for the rest of the model and the KV cache.
 Step times are medians (robust to a loaded machine); the official loop's is the mean of a few tokens.
 Configurations whose KV cache would exceed --max-kv-gib are skipped and say so.
@@ -224,7 +224,7 @@ def prompt_text(tok, ctx: int) -> str:
 PRECISIONS = {  # variant -> (dtype of everything but the decoder projections, their quantization)
     "fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
     "int8-weight": (torch.float32, "int8-weight"), "bf16+int8": (torch.bfloat16, "int8"),
-    "bf16+int8-weight": (torch.bfloat16, "int8-weight"),
+    "bf16+int8-weight": (torch.bfloat16, "int8-weight"), "int4-weight": (torch.float32, "int4-weight"),
 }
 
 

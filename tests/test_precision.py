@@ -32,9 +32,12 @@ from qguard.stream import StreamGuard
 from qguard.tokenizer import load_tokenizer
 
 PROB_TOL = 0.05
+# int4 (16 levels per group of 64 weights) on a tiny random model moves probabilities further: documented in
+# docs/benchmarks.md ("CPU precision") next to the measured agreement
+SCHEME_PROB_TOL = {"int4-weight": 0.12}
 # engine vs the same model's full forward: int8 rounds only in float (exact int8 products, each token quantized
 # on its own); int8-weight computes in bf16, so its one-token and many-token kernels round like bf16
-ENGINE_TOL = {"int8": 1e-3, "int8-weight": 1e-2, None: 2e-2}
+ENGINE_TOL = {"int8": 1e-3, "int8-weight": 1e-2, "int4-weight": 1e-2, None: 2e-2}
 SCHEMES = quant.SCHEMES
 PROMPTS = ["How do I bake bread?", "How can I make a bomb at home?", "Tell me about the weather in Paris today.",
            "Write a poem about the sea.", "What is the address of my neighbour?"]
@@ -98,6 +101,21 @@ def test_int8_kernels_are_exact_and_agree():
         quant.pick_kernel("nope")
 
 
+@pytest.mark.parametrize("k", [80, 128])  # 80: not a multiple of the group, so zero-padded
+def test_int4_weights_round_to_their_group_grid_and_the_kernel_multiplies_by_them(k):
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(96, k, generator=g), torch.randn(7, k, generator=g)
+    m = quant.Int4WeightLinear(w)
+    d = quant.dequantize_int4(m)  # what the kernel computes with
+    groups = torch.nn.functional.pad(w, (0, m.pad)).view(96, -1, m.GROUP)
+    step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(m.GROUP, dim=1)[:, :k]
+    assert ((d - w).abs() <= step / 2 + 0.02 * step + 1e-2).all()  # half a step, plus bf16 rounding
+    assert len(torch.unique(d[0, :min(k, 64)])) <= 16  # 16 levels per group
+    want = x.bfloat16().float() @ d.t()
+    assert torch.allclose(m(x), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert m(x).dtype == torch.float32
+
+
 def test_int8_kernel_is_chosen_by_measurement():
     """Of the exact kernels, the one measured fastest on the weight's shape is used, whatever its name
     (oneDNN ran a 100x slower reference path on one CPU with VNNI), and a slow one is dropped after the
@@ -144,7 +162,7 @@ def test_reduced_stream_models_stay_close_to_fp32(tiny_stream, scheme, dtype):
     for a, b in zip(score_sequences(ref, seqs), score_sequences(red, seqs)):
         for f in ("risk", "category", "query_risk", "query_category"):
             d = (getattr(a, f) - getattr(b, f)).abs().max().item()
-            assert d < PROB_TOL, (scheme, dtype, f, d)
+            assert d < SCHEME_PROB_TOL.get(scheme, PROB_TOL), (scheme, dtype, f, d)
     if scheme:  # the decoder's float weights are gone: int8 is ~1/4 of their fp32 bytes
         assert quant.decoder_weight_bytes(red) < 0.3 * quant.decoder_weight_bytes(ref)
 
@@ -248,9 +266,9 @@ def test_quantized_gen_engine_equals_greedy_decoding_of_the_same_model(tmp_path,
     for conv, r in zip(convs, got):  # batching and the shared prefix change nothing in the quantized model
         assert r.token_ids == reference_greedy(model, eng.prepare(conv).ids, 24)
     same = sum(a.answer == b.answer and a.error == b.error for a, b in zip(got, want))
-    assert same >= len(convs) - 1, [(a.text, b.text) for a, b in zip(got, want)]
+    assert same >= len(convs) - (2 if scheme == "int4-weight" else 1), [(a.text, b.text) for a, b in zip(got, want)]
     assert max(abs(a.severity_probs[k] - b.severity_probs[k]) for a, b in zip(got, want)
-               for k in a.severity_probs) < PROB_TOL
+               for k in a.severity_probs) < SCHEME_PROB_TOL.get(scheme, PROB_TOL)
 
 
 def test_bf16_and_quantized_gen_through_guard(tiny_gen):

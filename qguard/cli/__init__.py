@@ -101,7 +101,7 @@ def output_dir(path: str | os.PathLike, what: str) -> Path:
     return out
 
 
-QUANTIZE_CHOICES = ("int8", "int8-weight")  # qguard.model.quant.SCHEMES (not imported here: no torch at parse time)
+QUANTIZE_CHOICES = ("int8", "int8-weight", "int4-weight")  # qguard.model.quant.SCHEMES (not imported here: no torch at parse time)
 
 
 def add_model_args(p: argparse.ArgumentParser, mode: bool = True, calibration: bool = True,
@@ -115,9 +115,10 @@ def add_model_args(p: argparse.ArgumentParser, mode: bool = True, calibration: b
                    help="default: float32 on CPU, bfloat16 on GPU")
     if quantize:
         p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
-                       help="CPU only: int8 weights for the decoder's projections (int8: int8 activations too, "
-                            "fastest; int8-weight: bf16 activations). Check the agreement with full precision on "
-                            "your data first: `qguard check-precision`")
+                       help="CPU only: int8 or int4 weights for the decoder's projections (int8: int8 "
+                            "activations too; int8-weight: bf16 activations; int4-weight: half the bytes again, "
+                            "fastest per token, least exact). Check the agreement with full precision on your "
+                            "data first: `qguard check-precision`")
     if mode:
         p.add_argument("--mode", default=None, choices=["strict", "loose"],
                        help="strict: Controversial counts as Unsafe; loose: as Safe (default: the --policy "

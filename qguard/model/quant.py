@@ -10,7 +10,7 @@ units (VNNI / AMX) do the math. What is quantized and what is not:
   norm, RoPE, attention and its KV cache, the Stream guard heads and the Gen lm_head (small, or only
   applied to a few rows, and where the probabilities are made: their precision is kept).
 
-Two schemes (`SCHEMES`), chosen by the agreement and speed measured in docs/benchmarks.md:
+Three schemes (`SCHEMES`), chosen by the agreement and speed measured in docs/benchmarks.md:
 
 - `"int8"` (dynamic activations): each row (one token) of a projection's input is quantized to int8 with
   its own scale at run time, and the product is an int8 x int8 -> int32 GEMM (oneDNN's `qlinear`, which
@@ -21,6 +21,8 @@ Two schemes (`SCHEMES`), chosen by the agreement and speed measured in docs/benc
 - `"int8-weight"` (weight-only): int8 weights, activations kept in bf16, `aten._weight_int8pack_mm` for
   one-token steps (it dequantizes inside the kernel) and a bf16 GEMM on weights dequantized per call
   for larger batches. More exact than dynamic int8, slower when batched (see docs/benchmarks.md).
+- `"int4-weight"` (weight-only, int4 per group of 64 input channels, `Int4WeightLinear`): half of int8's
+  bytes, so the fastest one-token step, and the least exact scheme.
 
 The transformation runs after a model is loaded, fused (`InferenceFusion.fuse_for_inference`) and
 calibrated, and before an engine is built: `quantize_model`. It replaces each fused weight stack (qkv,
@@ -45,7 +47,7 @@ from qguard.model.qwen3 import InferenceFusion, QuantizedModelError, Qwen3Model
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("int8", "int8-weight")
+SCHEMES = ("int8", "int8-weight", "int4-weight")
 QMAX = 127  # symmetric int8 (-127..127): zero maps to zero and the range is the same on both sides
 TINY = 1e-30  # scale floor: an all-zero row or weight channel quantizes to zeros instead of NaN
 
@@ -402,6 +404,69 @@ class Int8WeightLinear(_QuantModule):
         return self.wq, self.scale.float()
 
 
+class Int4WeightLinear(_QuantModule):
+    """y = x W^T + b with W in int4, asymmetric per group of GROUP input channels, x in bf16 ("int4-weight").
+
+    Half the bytes of int8: on a CPU a one-token step is bound by reading the weights, so this is the
+    fastest scheme per token (docs/benchmarks.md), and the least exact one: check its agreement first.
+    Group g of row n holds q in 0..15 with w = min + q * s (s = (max - min) / 15), which is PyTorch's int4
+    layout, w = (q - 8) * s + zero with zero = min + 8 s, stored as bf16 (s, zero) pairs. The product is
+    `aten._weight_int4pack_mm_for_cpu` (it dequantizes inside the kernel) at every batch size: no second
+    copy of the weight is kept for a dequantized GEMM, so prefill is slower than int8-weight's (measured in
+    docs/benchmarks.md). Input channels are zero-padded to a multiple of GROUP where a model's are not
+    (the kernel's groups must tile the rows); padded weights and inputs are zeros, so results are unchanged.
+    """
+
+    quantized = "int4-weight"
+    GROUP = 64  # one (scale, zero) pair per 64 weights: 6% extra bytes; 32 is more exact, 128 leaner
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.pad = -self.in_features % self.GROUP
+        q, self.scale_zero = quantize_weight_int4(F.pad(weight.detach().float(), (0, self.pad)), self.GROUP)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # uint8 [N, K / 2]
+
+    def _mm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+        shape = x.shape
+        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.pad:
+            xb = F.pad(xb, (0, self.pad))
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.GROUP, self.scale_zero), shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, shape = self._mm(x)
+        return self._finish(y.to(x.dtype)).view(*shape[:-1], self.out_features)
+
+    def addmm_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self._mm(x)
+        flat = out.view(-1, self.out_features)
+        flat.add_(y)
+        if self.bias_f32 is not None:
+            flat.add_(self.bias_f32)
+        return out
+
+
+def quantize_weight_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float (K a multiple of `group`) -> (int32 q in 0..15 [N, K], bf16 (scale, zero) [K / group, N, 2]):
+    w ~ (q - 8) * scale + zero per group. q is computed from the bf16-rounded scale and zero the kernel
+    reads, so rounding them moves no weight by more than half a step."""
+    n, k = weight.shape
+    w = weight.view(n, k // group, group)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=TINY).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+    base = zero.float() - 8 * scale.float()  # the value q = 0 stands for
+    q = torch.round((w - base[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.int32).view(n, k)
+    return q, torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
+
+
+def dequantize_int4(module: Int4WeightLinear) -> torch.Tensor:
+    """The float weight [out, in] an int4 module computes with (for tests and inspection): its product
+    with the identity, which is exact (one nonzero term per output)."""
+    eye = torch.eye(module.in_features, dtype=torch.bfloat16)
+    return module._mm(eye)[0].float().t().contiguous()
+
+
 class Dropped(nn.Module):
     """Where an official projection was: its weights now live, quantized, in the fused int8 module."""
 
@@ -421,7 +486,9 @@ class Dropped(nn.Module):
 # ------------------------------------------------------------------------------------------ transform
 
 def _make(scheme: str, weight: torch.Tensor, bias: torch.Tensor | None, kernel: _Kernel | None) -> _QuantModule:
-    return Int8Linear(weight, bias, kernel) if scheme == "int8" else Int8WeightLinear(weight, bias)
+    if scheme == "int8":
+        return Int8Linear(weight, bias, kernel)
+    return Int8WeightLinear(weight, bias) if scheme == "int8-weight" else Int4WeightLinear(weight, bias)
 
 
 @torch.no_grad()
@@ -446,6 +513,8 @@ def quantize_model(model: InferenceFusion, scheme: str = "int8", kernel: str | N
     kern = None
     if scheme == "int8":  # one kernel for the whole model, measured on its largest projection (gate/up)
         kern = pick_kernel(kernel, shape=tuple(backbones[0].layers[0].mlp.gate_up[0].shape))
+    if scheme == "int4-weight" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise InputError("quantize='int4-weight' needs torch's CPU int4 kernel (torch >= 2.6); use 'int8-weight'")
     for backbone in backbones:
         for i, layer in enumerate(backbone.layers):
             a, m = layer.self_attn, layer.mlp

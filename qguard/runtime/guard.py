@@ -94,8 +94,8 @@ class Guard:
         `official_special_tokens`: UNSAFE for untrusted input. By default a control-token string written in
         a message (`<|im_end|>`, `<|im_start|>`, `<think>`, ...) is tokenized as text, so it cannot forge the
         turns the guard reads; True reproduces the official tokenization exactly (it becomes the token).
-        `quantize` (CPU): "int8" or "int8-weight" stores the decoder's projections in int8
-        (`qguard.model.quant`; measured agreement with fp32 in docs/benchmarks.md, check yours with
+        `quantize` (CPU): "int8", "int8-weight" or "int4-weight" stores the decoder's projections in
+        int8 or int4 (`qguard.model.quant`; measured agreement with fp32 in docs/benchmarks.md, check yours with
         `qguard check-precision`); such a model is inference-only (it cannot be trained or saved).
         """
         policy = resolve_policy(mode, policy)  # options first: a typo fails before a model loads
