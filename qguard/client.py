@@ -9,12 +9,16 @@
             for tv in s.push_text(delta):        # TokenVerdicts, as StreamSession.push_text returns
                 if tv.stop:
                     break
+            show(s.release)                      # the text newly safe to show (hold-back window)
         print(s.finish())                        # the debounced response Verdict
+        show(s.release)                          # the rest, unless the response is blocked
 
 `AsyncQGuardClient` is the same in asyncio (`await client.open_stream(...)`, `await s.push_text(...)`).
 The stream part speaks the `/v1/stream` WebSocket protocol (docs/stream_protocol.md) over the
 `websockets` package. A refused frame raises `StreamError` (its `code` is the protocol's); the session
-stays usable where the protocol says so.
+stays usable where the protocol says so. The client shows only what the server released: `s.release`
+(new after each reply) and `s.released_text` (everything so far; `released_ids` for id pushes) never hold
+a token at or after the response's unsafe position (`hold_tokens`: the session's window).
 """
 
 from __future__ import annotations
@@ -134,13 +138,15 @@ def _moderations_result(body: dict[str, Any]) -> list[Verdict]:
 
 
 def _open_frame(messages: str | Sequence[Any], system: str | None, thinking: bool,
-                moderate_thinking: bool) -> dict[str, Any]:
+                moderate_thinking: bool, hold_tokens: int | None = None) -> dict[str, Any]:
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     frame = {"type": "open", "messages": list(messages), "thinking": thinking,
              "moderate_thinking": moderate_thinking}
     if system is not None:
         frame["system"] = system
+    if hold_tokens is not None:
+        frame["hold_tokens"] = hold_tokens
     return frame
 
 
@@ -157,14 +163,40 @@ class _SessionState:
     """What a client session knows from the server's replies."""
 
     prompt: Verdict
+    hold_tokens: int = 0  # the session's hold-back window (the server's, or the larger one asked)
     stop: bool = False
     pending_text: str = ""
     verdict: Verdict | None = None  # after finish
     final_tokens: list[TokenVerdict] = []  # after finish: the verdicts of the tokens finish committed
+    release: str | list[int] = ""  # what the last reply released (text, or ids for id pushes)
+    released_text: str = ""  # every text released so far: what the client may show
+    released_ids: list[int] = []  # the same for id pushes
+
+    def _start(self, ws, frame: dict[str, Any], own: bool) -> None:
+        self.ws, self.own = ws, own
+        self.prompt = Verdict.from_dict(frame["verdict"])
+        self.hold_tokens = int(frame.get("hold_tokens", 0))
+        self.released_ids = []
+
+    def _released(self, frame: dict[str, Any]) -> None:
+        new = frame.get("release", "")
+        self.release = new
+        if isinstance(new, str):
+            self.released_text += new
+        else:
+            self.released_ids = [*self.released_ids, *new]
 
     def tokens(self, frame: dict[str, Any]) -> list[TokenVerdict]:
         self.stop, self.pending_text = bool(frame["stop"]), frame.get("pending_text", "")
+        self._released(frame)
         return [TokenVerdict.from_dict(t) for t in frame["tokens"]]
+
+    def finished(self, frame: dict[str, Any]) -> Verdict:
+        self.pending_text = frame.get("pending_text", "")
+        self.final_tokens = [TokenVerdict.from_dict(t) for t in frame.get("tokens", ())]
+        self._released(frame)
+        self.verdict = Verdict.from_dict(frame["verdict"])
+        return self.verdict
 
 
 # ------------------------------------------------------------------------------ sync
@@ -172,8 +204,8 @@ class _SessionState:
 class StreamClientSession(_SessionState):
     """A remote `StreamSession` (sync). Closing it closes its connection when it opened one for itself."""
 
-    def __init__(self, ws, prompt: Verdict, own: bool):
-        self.ws, self.prompt, self.own = ws, prompt, own
+    def __init__(self, ws, frame: dict[str, Any], own: bool):
+        self._start(ws, frame, own)
 
     def _call(self, frame: dict[str, Any], expected: str) -> dict[str, Any]:
         self.ws.send(json.dumps(frame))
@@ -189,11 +221,7 @@ class StreamClientSession(_SessionState):
         return self.tokens(self._call({"type": "flush"}, "tokens"))
 
     def finish(self) -> Verdict:
-        frame = self._call({"type": "finish"}, "verdict")
-        self.pending_text = frame.get("pending_text", "")
-        self.final_tokens = [TokenVerdict.from_dict(t) for t in frame.get("tokens", ())]
-        self.verdict = Verdict.from_dict(frame["verdict"])
-        return self.verdict
+        return self.finished(self._call({"type": "finish"}, "verdict"))
 
     def close(self) -> None:
         """End the session (idempotent); its connection too when it owns it."""
@@ -216,10 +244,11 @@ class StreamConnection:
         self.ws = ws
 
     def open(self, messages: str | Sequence[Any], *, system: str | None = None, thinking: bool = False,
-             moderate_thinking: bool = True, _own: bool = False) -> StreamClientSession:
-        self.ws.send(json.dumps(_open_frame(messages, system, thinking, moderate_thinking)))
-        frame = _reply(self.ws.recv(), "prompt")
-        return StreamClientSession(self.ws, Verdict.from_dict(frame["verdict"]), _own)
+             moderate_thinking: bool = True, hold_tokens: int | None = None,
+             _own: bool = False) -> StreamClientSession:
+        """A session on this connection; `hold_tokens`: a larger hold-back window than the server's."""
+        self.ws.send(json.dumps(_open_frame(messages, system, thinking, moderate_thinking, hold_tokens)))
+        return StreamClientSession(self.ws, _reply(self.ws.recv(), "prompt"), _own)
 
     def close(self) -> None:
         self.ws.close()
@@ -261,12 +290,12 @@ class QGuardClient(_Base):
         return StreamConnection(ws.__enter__())  # websockets >= 17.1 expects the connection entered
 
     def open_stream(self, messages: str | Sequence[Any], *, system: str | None = None, thinking: bool = False,
-                    moderate_thinking: bool = True) -> StreamClientSession:
+                    moderate_thinking: bool = True, hold_tokens: int | None = None) -> StreamClientSession:
         """A live moderation session on a connection of its own (closed with the session)."""
         conn = self.connect_stream()
         try:
             return conn.open(messages, system=system, thinking=thinking, moderate_thinking=moderate_thinking,
-                             _own=True)
+                             hold_tokens=hold_tokens, _own=True)
         except BaseException:
             conn.close()
             raise
@@ -277,8 +306,8 @@ class QGuardClient(_Base):
 class AsyncStreamClientSession(_SessionState):
     """A remote `AsyncStreamSession`."""
 
-    def __init__(self, ws, prompt: Verdict, own: bool):
-        self.ws, self.prompt, self.own = ws, prompt, own
+    def __init__(self, ws, frame: dict[str, Any], own: bool):
+        self._start(ws, frame, own)
 
     async def _call(self, frame: dict[str, Any], expected: str) -> dict[str, Any]:
         await self.ws.send(json.dumps(frame))
@@ -294,11 +323,7 @@ class AsyncStreamClientSession(_SessionState):
         return self.tokens(await self._call({"type": "flush"}, "tokens"))
 
     async def finish(self) -> Verdict:
-        frame = await self._call({"type": "finish"}, "verdict")
-        self.pending_text = frame.get("pending_text", "")
-        self.final_tokens = [TokenVerdict.from_dict(t) for t in frame.get("tokens", ())]
-        self.verdict = Verdict.from_dict(frame["verdict"])
-        return self.verdict
+        return self.finished(await self._call({"type": "finish"}, "verdict"))
 
     async def aclose(self) -> None:
         if self.own:
@@ -318,10 +343,10 @@ class AsyncStreamConnection:
         self.ws = ws
 
     async def open(self, messages: str | Sequence[Any], *, system: str | None = None, thinking: bool = False,
-                   moderate_thinking: bool = True, _own: bool = False) -> AsyncStreamClientSession:
-        await self.ws.send(json.dumps(_open_frame(messages, system, thinking, moderate_thinking)))
-        frame = _reply(await self.ws.recv(), "prompt")
-        return AsyncStreamClientSession(self.ws, Verdict.from_dict(frame["verdict"]), _own)
+                   moderate_thinking: bool = True, hold_tokens: int | None = None,
+                   _own: bool = False) -> AsyncStreamClientSession:
+        await self.ws.send(json.dumps(_open_frame(messages, system, thinking, moderate_thinking, hold_tokens)))
+        return AsyncStreamClientSession(self.ws, _reply(await self.ws.recv(), "prompt"), _own)
 
     async def aclose(self) -> None:
         await self.ws.close()
@@ -361,11 +386,12 @@ class AsyncQGuardClient(_Base):
         return AsyncStreamConnection(ws)
 
     async def open_stream(self, messages: str | Sequence[Any], *, system: str | None = None, thinking: bool = False,
-                          moderate_thinking: bool = True) -> AsyncStreamClientSession:
+                          moderate_thinking: bool = True, hold_tokens: int | None = None
+                          ) -> AsyncStreamClientSession:
         conn = await self.connect_stream()
         try:
             return await conn.open(messages, system=system, thinking=thinking,
-                                   moderate_thinking=moderate_thinking, _own=True)
+                                   moderate_thinking=moderate_thinking, hold_tokens=hold_tokens, _own=True)
         except BaseException:
             await conn.aclose()
             raise

@@ -1,4 +1,4 @@
-"""A LiteLLM guardrail backed by qguard in-process (`pip install 'qguard[litellm]'`).
+"""A LiteLLM guardrail backed by qguard, in-process or a remote qguard server (`pip install 'qguard[litellm]'`).
 
 LiteLLM's proxy loads it from its config:
 
@@ -11,7 +11,15 @@ LiteLLM's proxy loads it from its config:
           model: ckpt/stream-0.6b           # checkpoint folder or hub id (left out: the embedded starter)
           policy: /etc/qguard/policy.yaml   # optional: a qguard policy file
 
-The model is loaded once, when the proxy starts. What each hook does (the policy decides what blocks):
+or, with the model in a `qguard serve` of its own (the proxy loads no model):
+
+          api_base: http://qguard:8000      # the qguard server (`/v1/moderate`, `/v1/stream`)
+          api_key: os.environ/QGUARD_KEY    # optional (LiteLLM reads the variable); or api_key_env: QGUARD_KEY
+          timeout: 30                       # seconds per call to the server (default 30)
+          on_unsafe: cut                    # optional: cut or refuse (refusal_message: the refusal's text)
+
+In-process, the model is loaded once, when the proxy starts. What each hook does (the policy decides what
+blocks):
 
 - `pre_call` (`async_pre_call_hook`): the request's conversation is judged before the LLM sees it
   (`messages`, or a text completion's `prompt`); a blocked prompt is a `QGuardBlocked` (LiteLLM's
@@ -29,9 +37,19 @@ The model is loaded once, when the proxy starts. What each hook does (the policy
   judges the whole answer before releasing any of it. The chunks sent are qguard's own: content, reasoning
   and tool calls that were judged; other delta fields are dropped, never passed on unjudged.
 
+Remote (`api_base`): the same hooks, the same `Verdict` objects, blocks, chunks and errors, through
+`qguard.client.AsyncQGuardClient`: prompts and whole answers through `POST /v1/moderate`, a streamed answer
+through a `/v1/stream` session (docs/stream_protocol.md), released exactly as far as the server's `release`
+fields allow (the server applies its hold-back window) and its remainder only when the server's verdict does
+not block. A Gen server (`live_required` on open) has the whole answer judged through `/v1/moderate` first.
+The server's policy decides (`qguard serve --policy`: mode, actions, debounce, `hold_tokens`): a local
+`policy` (or `model`, `guard`, `device`, `dtype`, `calibration`) is refused, so two policies never disagree.
+
 Failures fail closed: a conversation the guard cannot read is a 400, no free live session within
 `open_timeout_s` a 429, an answer that cannot be judged (longer than the guard's context, text after the
 finish_reason, several choices in a stream) ends the stream with an error (502); text not judged is never sent.
+A remote server that cannot be reached (or drops the connection) is a 503, one that does not answer within
+`timeout` a 504, one that answers with an error (its own 5xx, a refused API key, a broken reply) a 502.
 Only chat and text completions are read: other call types (embeddings, images, ...) pass unchecked.
 Message text is never logged; block lines carry the label, categories and position only.
 """
@@ -43,17 +61,19 @@ import json
 import logging
 import os
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from litellm.exceptions import GuardrailRaisedException
 from litellm.integrations.custom_guardrail import CustomGuardrail
 from litellm.types.guardrails import GuardrailEventHooks
 from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices
 
+from qguard.client import AsyncQGuardClient, HTTPError, StreamError
 from qguard.errors import CapacityError, InputError, QGuardError, check_number
+from qguard.leak import HoldBack
 from qguard.moderations import content_text
 from qguard.policy import Policy, Verdict
 from qguard.policy_file import DEFAULT_HOLD_TOKENS, LeakControl, PolicyFile, load_policy_file
@@ -65,6 +85,9 @@ log = logging.getLogger("qguard.litellm")
 
 DEFAULT_REFUSAL = "Sorry, I can't help with that."
 ON_UNSAFE = ("cut", "refuse")  # rollback needs control of the LLM's generation (qguard.generate)
+DEFAULT_TIMEOUT_S = 30.0  # a remote qguard server's answer to one call
+WS_POLICY_VIOLATION = 1008  # the close code of a /v1/stream connection refused for its API key
+MODERATE_BATCH = 64  # conversations per /v1/moderate request (the server's MAX_CONVERSATIONS)
 Path = tuple  # where a piece of answer text goes: ("content",), ("tool_calls", 0, "arguments"), ...
 
 
@@ -89,33 +112,55 @@ def _failure(guardrail_name: str | None, status: int, message: str) -> Guardrail
 class QGuard(CustomGuardrail):
     """qguard as a LiteLLM guardrail (see the module doc).
 
-    `model`: checkpoint folder or hub id (None: the embedded starter model, a weak fallback); `policy`: a
-    policy file (path or `PolicyFile`): its policy, debounce, thinking moderation, refusal message,
+    In-process: `model`: checkpoint folder or hub id (None: the embedded starter model, a weak fallback);
+    `policy`: a policy file (path or `PolicyFile`): its policy, debounce, thinking moderation, refusal message,
     `limits.max_sessions` / `max_context` (the live engine) and `leak_control.hold_tokens` / `on_unsafe`
     (cut or refuse) are used. `device`, `dtype`, `calibration`: as in `Guard.from_pretrained`. `guard`: an
     already loaded `Guard` instead of `model` (with `policy`, its weights are shared under the file's
-    policy). `open_timeout_s`: how long a stream waits for a free live session. Other keyword arguments
-    are LiteLLM's (`guardrail_name`, `event_hook`, `default_on`, ...: the proxy passes them from its config).
+    policy).
+
+    Remote: `api_base`: a qguard server's base URL (`http://qguard:8000`); `api_key` or `api_key_env` (the
+    name of the environment variable holding it); `timeout`: seconds per call to the server (default 30);
+    `on_unsafe` (cut or refuse) and `refusal_message`: what a cut stream ends with (the rest of the policy
+    is the server's).
+
+    `open_timeout_s`: how long a stream waits for a free live session. Other keyword arguments are
+    LiteLLM's (`guardrail_name`, `event_hook`, `default_on`, ...: the proxy passes them from its config).
     """
 
     def __init__(self, *, model: str | os.PathLike | None = None,
                  policy: str | os.PathLike | PolicyFile | None = None,
                  device: str | None = None, dtype: str | None = None, calibration: str | bool | None = None,
-                 guard: Guard | None = None, open_timeout_s: float = 30.0, **kwargs: Any):
+                 guard: Guard | None = None, open_timeout_s: float = 30.0, api_base: str | None = None,
+                 api_key: str | None = None, api_key_env: str | None = None, timeout: float | None = None,
+                 on_unsafe: str | None = None, refusal_message: str | None = None, **kwargs: Any):
         kwargs.setdefault("supported_event_hooks", [GuardrailEventHooks.pre_call, GuardrailEventHooks.post_call])
         super().__init__(**kwargs)
-        pf = policy if isinstance(policy, PolicyFile) or policy is None else load_policy_file(policy)
-        self.policy_file = pf
-        lc = pf.leak_control if pf is not None else LeakControl()
-        self.on_unsafe = lc.on_unsafe or "cut"
-        if self.on_unsafe not in ON_UNSAFE:
-            raise InputError(f"leak_control.on_unsafe {self.on_unsafe!r}: the LiteLLM guardrail can 'cut' or "
-                             "'refuse' (rollback needs control of the LLM's generation: qguard.generate)")
-        self.hold_tokens = DEFAULT_HOLD_TOKENS if lc.hold_tokens is None else lc.hold_tokens
-        self.refusal_message = (pf.refusal_message if pf is not None else None) or DEFAULT_REFUSAL
         self.open_timeout_s = check_number(open_timeout_s, "open_timeout_s")
         if self.open_timeout_s < 0:
             raise InputError(f"open_timeout_s must be at least 0 seconds, got {open_timeout_s}")
+        self.guard: Guard | None = None
+        self.remote: AsyncQGuardClient | None = None
+        self.policy_file: PolicyFile | None = None
+        self._lock = threading.Lock()  # one guard call at a time (the live engine has its own step thread)
+        self._live = None
+        if api_base is not None:
+            self._init_remote(api_base, api_key, api_key_env, timeout, on_unsafe, refusal_message,
+                              {"policy": policy, "model": model, "guard": guard, "device": device, "dtype": dtype,
+                               "calibration": calibration})
+            return
+        for name, value, where in (("api_key", api_key, None), ("api_key_env", api_key_env, None),
+                                   ("timeout", timeout, None), ("on_unsafe", on_unsafe, "leak_control.on_unsafe"),
+                                   ("refusal_message", refusal_message, "refusal_message")):
+            if value is not None:
+                raise InputError(f"{name} is an option of a remote qguard server (api_base); in-process, "
+                                 + (f"set {where} in the policy file" if where else "there is no server to call"))
+        pf = policy if isinstance(policy, PolicyFile) or policy is None else load_policy_file(policy)
+        self.policy_file = pf
+        lc = pf.leak_control if pf is not None else LeakControl()
+        self.on_unsafe = _on_unsafe(lc.on_unsafe or "cut", "leak_control.on_unsafe")
+        self.hold_tokens: int | None = DEFAULT_HOLD_TOKENS if lc.hold_tokens is None else lc.hold_tokens
+        self.refusal_message = (pf.refusal_message if pf is not None else None) or DEFAULT_REFUSAL
         if guard is not None and not isinstance(guard, Guard):
             raise InputError(f"guard must be a qguard Guard, got {type(guard).__name__}")
         if guard is not None and model is not None:
@@ -130,8 +175,37 @@ class QGuard(CustomGuardrail):
         elif pf is not None:
             guard = _with_policy(guard, pf)
         self.guard = guard
-        self._lock = threading.Lock()  # one guard call at a time (the live engine has its own step thread)
-        self._live = None
+
+    def _init_remote(self, api_base: Any, api_key: str | None, api_key_env: str | None, timeout: float | None,
+                     on_unsafe: str | None, refusal_message: str | None, local: Mapping[str, Any]) -> None:
+        """Remote mode: no model here, a client of the qguard server at `api_base` (whose policy decides)."""
+        for name, value in local.items():
+            if value is not None:
+                why = ("the qguard server's policy decides (qguard serve --policy); a local policy file is "
+                       "refused so that two policies never disagree" if name == "policy"
+                       else "the qguard server's model judges; the guardrail loads none")
+                raise InputError(f"{name} cannot be given with api_base: {why}")
+        parts = urlsplit(api_base) if isinstance(api_base, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise InputError(f"api_base must be a qguard server's http(s) URL, e.g. http://qguard:8000, got "
+                             f"{api_base!r}")
+        if api_key_env is not None:
+            if api_key is not None:
+                raise InputError("give api_key or api_key_env, not both")
+            if not isinstance(api_key_env, str) or not os.environ.get(api_key_env):
+                raise InputError(f"api_key_env: the environment variable {api_key_env!r} is not set")
+            api_key = os.environ[api_key_env]
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise InputError("api_key must be a non-empty string")
+        seconds = DEFAULT_TIMEOUT_S if timeout is None else check_number(timeout, "timeout")
+        if seconds <= 0:
+            raise InputError(f"timeout must be more than 0 seconds, got {timeout}")
+        if refusal_message is not None and (not isinstance(refusal_message, str) or not refusal_message.strip()):
+            raise InputError("refusal_message must be a non-empty string")
+        self.on_unsafe = _on_unsafe("cut" if on_unsafe is None else on_unsafe, "on_unsafe")
+        self.hold_tokens = None  # the server's window (each /v1/stream session says which)
+        self.refusal_message = refusal_message or DEFAULT_REFUSAL
+        self.remote = AsyncQGuardClient(api_base, api_key=api_key, timeout=seconds)
 
     # ------------------------------------------------------------------------------------- LiteLLM hooks
 
@@ -178,22 +252,39 @@ class QGuard(CustomGuardrail):
         if conv is None:
             raise _failure(self.guardrail_name, 400, "a streamed answer to a request without messages cannot be "
                                                      "judged")
-        judge = _LiveJudge(self, conv) if self.guard.live else _WholeJudge(self, conv)
+        try:
+            session = await (self._open_remote(conv) if self.remote is not None else self._open_local(conv))
+        except BaseException:
+            await _close(response)  # nothing of it is read or sent
+            raise
+        judge = _WholeJudge(self, conv) if session is None else _LiveJudge(self, conv, session)
         async for chunk in judge.run(response):
             yield chunk
 
     # ------------------------------------------------------------------------------------------ helpers
 
     def live_guard(self):
-        """The live Stream engine (built at the first streamed answer; `limits` of the policy file)."""
+        """The live Stream engine of an in-process guard (built at the first streamed answer; `limits` of the
+        policy file)."""
+        if self.guard is None:
+            raise InputError("a remote qguard guardrail has no live engine here (the server's is used)")
         if self._live is None:
             opts = self.policy_file.stream_guard_options() if self.policy_file is not None else {}
             self._live = self.guard.stream_guard(**opts)
         return self._live
 
     async def judge_conversations(self, convs: list[list[dict[str, str]]], answer: bool = False) -> list[Verdict]:
-        """Judge conversations off the event loop; one that cannot be judged is a 400 (the request's) or,
-        for an answer, a 502 (the upstream's text)."""
+        """Judge conversations off the event loop (or on the remote server, `/v1/moderate`); one that cannot
+        be judged is a 400 (the request's) or, for an answer, a 502 (the upstream's text)."""
+        if self.remote is not None:
+            out: list[Verdict] = []
+            for i in range(0, len(convs), MODERATE_BATCH):
+                verdicts = await self.remote_call(self.remote.moderate(convs[i:i + MODERATE_BATCH]), answer=answer)
+                if not isinstance(verdicts, list) or len(verdicts) != len(convs[i:i + MODERATE_BATCH]):
+                    raise self.remote_failure(ValueError("wrong number of verdicts"), answer)
+                out += verdicts
+            return out
+
         def run() -> list[Verdict]:
             with self._lock:
                 return self.guard.classify_conversations(convs)
@@ -201,10 +292,94 @@ class QGuard(CustomGuardrail):
         try:
             return await asyncio.to_thread(run)
         except InputError as e:
+            raise _input_failure(self.guardrail_name, str(e), answer) from None
+
+    async def remote_call(self, call: Any, answer: bool) -> Any:
+        """Await a call to the qguard server within `timeout`; every failure is the guardrail's error (fail
+        closed: `remote_failure`)."""
+        try:
+            return await asyncio.wait_for(call, self.remote.timeout)
+        except Exception as e:
+            failure = self.remote_failure(e, answer)
+            if failure is None:
+                raise
+            raise failure from None
+
+    def remote_failure(self, e: BaseException, answer: bool, opening: bool = False) -> GuardrailRaisedException | None:
+        """What a failed call to the qguard server is for the client (None: not a failure of the server).
+        `answer`: judging the LLM's answer (its bad input is the upstream's, 502); `opening`: opening the
+        live session of a streamed answer (its bad input is the request's conversation, 400)."""
+        import httpx
+        from websockets.exceptions import ConnectionClosed, WebSocketException
+
+        name, url = self.guardrail_name, self.remote.url
+        withheld = "the answer was withheld" if answer or opening else "the request was not sent to the LLM"
+        if isinstance(e, ConnectionClosed) and e.rcvd is not None and e.rcvd.code == WS_POLICY_VIOLATION:
+            e = StreamError("unauthorized", "the connection was closed for its API key")  # may outrun the frame
+        if isinstance(e, (TimeoutError, asyncio.TimeoutError, httpx.TimeoutException)):
+            return _failure(name, 504, f"the qguard server at {url} did not answer within {self.remote.timeout:g} "
+                                       f"s; {withheld}")
+        if isinstance(e, (httpx.TransportError, OSError, ConnectionClosed)):
+            return _failure(name, 503, f"the qguard server at {url} cannot be reached ({type(e).__name__}); "
+                                       f"{withheld}")
+        if isinstance(e, HTTPError):
+            if e.status == 429:
+                return _failure(name, 429, f"the qguard server is busy ({e.message}); {withheld}")
+            if e.status in (401, 403):
+                return _failure(name, 502, f"the qguard server refused the guardrail's API key (HTTP {e.status}); "
+                                           f"{withheld}")
+            if 400 <= e.status < 500:  # the conversation itself (bad input, over the guard's context)
+                return _input_failure(name, e.message, answer)
+            return _failure(name, 502, f"the qguard server answered an error (HTTP {e.status}); {withheld}")
+        if isinstance(e, StreamError):
+            if e.code == "unauthorized":
+                return _failure(name, 502, f"the qguard server refused the guardrail's API key; {withheld}")
+            if e.code in ("bad_field", "too_long") and not answer:
+                return _input_failure(name, e.message, answer)
             if answer:
-                raise _failure(self.guardrail_name, 502,
-                               f"the answer cannot be judged ({e}); it was withheld") from None
+                return _failure(name, 502, f"the answer cannot be judged ({e.code}: {e.message}); it was withheld")
+            return _failure(name, 502, f"the qguard server answered an error ({e.code}); {withheld}")
+        if isinstance(e, (WebSocketException, KeyError, TypeError, ValueError)):  # ValueError: InputError too
+            return _failure(name, 502, f"the qguard server's answer is not qguard's protocol ({type(e).__name__}); "
+                                       f"{withheld}")
+        return None
+
+    async def _open_local(self, conv: list[dict[str, str]]) -> _LocalSession | None:
+        """An in-process live session for a streamed answer (None: a Gen model, whole answers only)."""
+        if not self.guard.live:
+            return None
+        try:
+            session = await self.live_guard().open_async(conv, timeout=self.open_timeout_s)
+        except CapacityError as e:
+            raise _failure(self.guardrail_name, 429, f"no live guard session is free ({e})") from None
+        except InputError as e:
             raise _failure(self.guardrail_name, 400, str(e)) from None
+        return _LocalSession(self, session)
+
+    async def _open_remote(self, conv: list[dict[str, str]]) -> _RemoteSession | None:
+        """A `/v1/stream` session on the qguard server (None: a Gen server, whole answers only). A full
+        server answers `capacity` at once; the open is retried until `open_timeout_s`, as in-process waits."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + self.open_timeout_s, 0.05
+        while True:
+            try:
+                session = await asyncio.wait_for(self.remote.open_stream(conv), self.remote.timeout)
+                return _RemoteSession(self, session)
+            except StreamError as e:
+                if e.code == "live_required":
+                    return None
+                if e.code != "capacity":
+                    raise self.remote_failure(e, answer=False, opening=True) from None
+                if loop.time() >= deadline:
+                    raise _failure(self.guardrail_name, 429, "no live guard session is free on the qguard "
+                                                             f"server within {self.open_timeout_s:g} s") from None
+            except Exception as e:
+                failure = self.remote_failure(e, answer=False, opening=True)
+                if failure is None:
+                    raise
+                raise failure from None
+            await asyncio.sleep(max(0.0, min(pause, deadline - loop.time())))  # the last try at the deadline
+            pause = min(2 * pause, 1.0)
 
     def _conversation(self, data: Mapping[str, Any]) -> list[dict[str, str]] | None:
         convs = self._request_conversations(data)
@@ -225,6 +400,21 @@ class QGuard(CustomGuardrail):
         log.info("qguard blocked the %s: %s (%s)%s", stage, v.label.value,
                  ", ".join(c.value for c in v.categories) or "no category",
                  f" at token {v.unsafe_position}" if v.unsafe_position is not None else "")
+
+
+def _on_unsafe(value: Any, name: str) -> str:
+    if value not in ON_UNSAFE:
+        raise InputError(f"{name} {value!r}: the LiteLLM guardrail can 'cut' or 'refuse' (rollback needs control "
+                         "of the LLM's generation: qguard.generate)")
+    return value
+
+
+def _input_failure(guardrail_name: str | None, message: str, answer: bool) -> GuardrailRaisedException:
+    """A conversation the guard refused to read: the request's fault (400) or, for an answer, the upstream's
+    text (502, withheld)."""
+    if answer:
+        return _failure(guardrail_name, 502, f"the answer cannot be judged ({message}); it was withheld")
+    return _failure(guardrail_name, 400, message)
 
 
 def _with_policy(guard: Guard, pf: PolicyFile) -> Guard:
@@ -397,33 +587,19 @@ def build_delta(pieces: Sequence[tuple[Path, str]], calls: Mapping[int, Mapping[
 # ------------------------------------------------------------------------------------------ stream judges
 
 class _Release:
-    """Judged text on its way to the client. Pieces are appended as pushed; after each push the guard's
-    count of judged tokens and of judged characters (everything pushed but the session's pending text) is
-    noted, and text is released only up to where it stood `hold` judged tokens ago. A tool call's name is
-    released whole (a client joins argument pieces, not name pieces)."""
+    """Judged text on its way to the client: the pieces in the order they were pushed, and how much of them
+    was released. How far it may go is the live session's to say (`_LocalSession` / `_RemoteSession`
+    `.releasable()`: the hold-back window, `leak.HoldBack`). A tool call's name is released whole (a client
+    joins argument pieces, not name pieces)."""
 
-    def __init__(self, hold: int):
-        self.hold = hold
+    def __init__(self):
         self.pieces: list[tuple[Path, str, int]] = []  # (path, text, start offset)
         self.pushed = self.released = 0
-        self.tokens = 0
-        self.marks: deque[tuple[int, int]] = deque([(0, 0)])  # (tokens judged, characters judged)
         self._next = 0  # index of the first piece not wholly released
 
     def add(self, path: Path, text: str) -> None:
         self.pieces.append((path, text, self.pushed))
         self.pushed += len(text)
-
-    def judged(self, new_tokens: int, pending: int) -> None:
-        self.tokens += new_tokens
-        self.marks.append((self.tokens, self.pushed - pending))
-
-    def safe(self) -> int:
-        """How much of the pushed text is judged and `hold` judged tokens behind the newest."""
-        limit = self.tokens - self.hold
-        while len(self.marks) > 1 and self.marks[1][0] <= limit:
-            self.marks.popleft()
-        return self.marks[0][1] if self.marks[0][0] <= limit else 0
 
     def take(self, upto: int) -> list[tuple[Path, str]]:
         """The text between the released offset and `upto`, as pieces; the released offset moves there
@@ -440,6 +616,93 @@ class _Release:
             if cut == end:
                 self._next += 1
         return out
+
+
+class _LocalSession:
+    """An in-process live session as a stream judge drives it: after each push the guard's count of judged
+    tokens and of judged characters (everything pushed but the session's pending text) is noted, and text is
+    releasable up to where it stood `hold_tokens` judged tokens ago (`leak.HoldBack`, the proxy's rule)."""
+
+    def __init__(self, owner: QGuard, session: Any):
+        self.owner, self.session = owner, session
+        self.window = HoldBack(owner.hold_tokens)
+        self.pushed = 0
+
+    @property
+    def stop(self) -> bool:
+        return self.session.stop
+
+    async def push(self, text: str) -> None:
+        self.pushed += len(text)
+        await self._judge(self.session.push_text(text))
+
+    def releasable(self) -> int:
+        return self.window.releasable()
+
+    async def end(self) -> tuple[Verdict, bool]:
+        """The answer's verdict and whether it is blocked (then nothing more is released; else all of it)."""
+        if not self.session.stop:
+            await self._judge(self.session.flush())
+        return self.session.verdict(), self.session.stop
+
+    async def _judge(self, push: Any) -> None:
+        """Await a push (or flush) and note what it judged; a guard that cannot judge ends the stream."""
+        try:
+            verdicts = await push
+        except (QGuardError, RuntimeError) as e:  # too long for the guard's context, a fault in the guard
+            raise _failure(self.owner.guardrail_name, 502, f"the answer cannot be judged ({type(e).__name__}: "
+                                                           f"{_reason(e)}); it was withheld") from None
+        self.window.judged(len(verdicts), self.pushed - len(self.session.pending_text))
+
+    async def aclose(self) -> None:
+        await self.session.aclose()
+
+
+class _RemoteSession:
+    """A `/v1/stream` session of the qguard server as a stream judge drives it: the server applies its
+    hold-back window and says in each reply what may be shown (`release`); text is releasable exactly that
+    far. Each release must continue the pushed text (else the reply is not the protocol's: the stream ends)."""
+
+    def __init__(self, owner: QGuard, session: Any):
+        self.owner, self.session = owner, session
+        self.text = ""  # everything pushed, to check the server's releases against
+        self.released = 0
+
+    @property
+    def stop(self) -> bool:
+        return self.session.stop
+
+    async def push(self, text: str) -> None:
+        self.text += text
+        await self.owner.remote_call(self.session.push_text(text), answer=True)
+        self._note_release()
+
+    def releasable(self) -> int:
+        return self.released
+
+    async def end(self) -> tuple[Verdict, bool]:
+        """`finish`: the server's verdict; the rest is released only when the server released it, which it
+        does only for an answer its policy does not block."""
+        verdict = await self.owner.remote_call(self.session.finish(), answer=True)
+        self._note_release()
+        blocked = self.session.stop or verdict.blocked
+        if not blocked and self.released != len(self.text):  # e.g. over the server's context: never sent unjudged
+            raise _failure(self.owner.guardrail_name, 502, "the qguard server judged only part of the answer; "
+                                                           "the rest was withheld")
+        return verdict, blocked
+
+    def _note_release(self) -> None:
+        new = self.session.release
+        if not isinstance(new, str) or self.text[self.released:self.released + len(new)] != new:
+            raise _failure(self.owner.guardrail_name, 502, "the qguard server released text that was not pushed "
+                                                           "(not qguard's protocol); the answer was withheld")
+        self.released += len(new)
+
+    async def aclose(self) -> None:
+        try:  # closes its own connection; a server that is gone has nothing to free
+            await asyncio.wait_for(self.session.aclose(), self.owner.remote.timeout)
+        except Exception:
+            log.debug("closing the qguard server's stream session failed", exc_info=True)
 
 
 class _Judge:
@@ -500,33 +763,29 @@ async def _close(response: Any) -> None:
 
 
 class _LiveJudge(_Judge):
-    """Stream model: a live session judges the answer token by token as it arrives."""
+    """Stream model, in-process or remote: a live session judges the answer token by token as it arrives."""
+
+    def __init__(self, owner: QGuard, conv: list[dict[str, str]], session: _LocalSession | _RemoteSession):
+        super().__init__(owner, conv)
+        self.session = session
 
     async def run(self, response: Any) -> AsyncIterator[ModelResponseStream]:
+        release, session = _Release(), self.session
         try:
-            session = await self.owner.live_guard().open_async(self.conv, timeout=self.owner.open_timeout_s)
-        except CapacityError as e:
-            await _close(response)
-            raise self.fail(429, f"no live guard session is free ({e})") from None
-        except InputError as e:
-            await _close(response)
-            raise self.fail(400, str(e)) from None
-        release = _Release(self.owner.hold_tokens)
-        try:
-            async with session:
+            try:
                 async for chunk in response:
                     for path, text in self.read(chunk).pieces:
                         release.add(path, text)
-                        await self.judge(session, release, session.push_text(text))
+                        await session.push(text)
                         if session.stop:
                             break
                     if session.stop:
                         break
-                    if out := release.take(release.safe()):
+                    if out := release.take(session.releasable()):
                         yield self.chunk(out)
-                if not session.stop:
-                    await self.judge(session, release, session.flush())
-                verdict, blocked = session.verdict(), session.stop
+                verdict, blocked = await session.end()
+            finally:
+                await session.aclose()
         except BaseException:
             await _close(response)  # nothing more of it is read or sent
             raise
@@ -535,15 +794,6 @@ class _LiveJudge(_Judge):
             yield self.blocked_end(verdict)
             return
         yield self.chunk(release.take(release.pushed), finish=self.finish, usage=self.usage)
-
-    async def judge(self, session: Any, release: _Release, push: Any) -> None:
-        """Await a push (or flush) and note what it judged; a guard that cannot judge ends the stream."""
-        try:
-            verdicts = await push
-        except (QGuardError, RuntimeError) as e:  # too long for the guard's context, a fault in the guard
-            raise self.fail(502, f"the answer cannot be judged ({type(e).__name__}: {_reason(e)}); it was "
-                                 "withheld") from None
-        release.judged(len(verdicts), len(session.pending_text))
 
 
 def _reason(e: BaseException) -> str:

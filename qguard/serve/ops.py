@@ -3,7 +3,9 @@
 `RequestContext` is a pure ASGI middleware, outermost, so it sees every answer (the gate's 401/413 and
 every error included): it takes the client's `X-Request-ID` when it is identifier-like (else makes one),
 returns it on every response (SSE and errors too), puts it in the log records (`RequestIdFilter`) and the
-audit log, and counts the request in the metrics (`qguard_requests_total` by endpoint and status).
+audit log, and counts the request in the metrics (`qguard_requests_total` by endpoint and status). A
+WebSocket connection counts once, when it ends, with the status of its handshake (101 accepted, 403 closed
+before it was accepted, as the ASGI server answers it), and its whole time as the request's.
 
 `Drain` is the graceful shutdown. On SIGTERM (`drain_on_sigterm`) the server stops taking work (ready
 is 503, new requests get an OpenAI-shaped 503), lets what is in flight finish until the deadline, then ends
@@ -144,9 +146,7 @@ class RequestContext:
                 finally:
                     drain.leave()
         finally:
-            if scope["type"] == "http":
-                self.state.metrics.observe_request(endpoint_name(path), out.status or 500,
-                                                   time.perf_counter() - t0)
+            self.state.metrics.observe_request(endpoint_name(path), out.status or 500, time.perf_counter() - t0)
 
     async def _refuse(self, scope, receive, out: _Sent) -> None:
         if scope["type"] == "http":
@@ -190,11 +190,15 @@ class _Sent:
         elif kind == "http.response.body" and not message.get("more_body", False):
             self.ended = True
         elif kind == "websocket.accept":
-            self.accepted = True
+            self.accepted, self.status = True, 101
             headers = list(message.get("headers", []))
             message = {**message, "headers": [*headers, (b"x-request-id", self.rid.encode("latin-1"))]}
         elif kind == "websocket.close":
             self.ended = True
+            if not self.accepted:  # a close before the accept is the handshake's 403 (the ASGI spec)
+                self.status = 403
+        elif kind == "websocket.http.response.start":  # a handshake denied with a response of the app's own
+            self.status = message["status"]
         await self._send(message)
 
     async def end(self, scope, receive) -> None:

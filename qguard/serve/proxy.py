@@ -39,7 +39,7 @@ import httpx
 from starlette.requests import Request
 
 from qguard.errors import CapacityError, QGuardError
-from qguard.leak import OnUnsafe
+from qguard.leak import HoldBack, OnUnsafe
 from qguard.policy import Verdict
 from qguard.serve.deps import AppState, GuardRunner
 from qguard.serve.errors import APIError, api_error
@@ -204,7 +204,9 @@ class Judge(Protocol):
     """What the stream loop asks of a guard: push text (True: block now), finish (True: block), how much
     of the pushed text may be released (judged, and far enough behind the newest judged token), the
     verdict so far; and, for leak control, the released text (`released`), a rollback to the release
-    point (`roll_back`: False when it cannot be done), the verdict of the released text."""
+    point (`roll_back`: False when it cannot be done), the verdict of the released text; for the audit
+    log, the answer its verdict judged (`judged_text`, in `models.answer_text`'s form, as a whole answer
+    is judged and hashed, so the same answer has the same content hash streamed or not)."""
 
     async def push(self, pieces: list[tuple[Path, str]], text: str) -> bool: ...
     async def finish(self) -> bool: ...
@@ -213,15 +215,16 @@ class Judge(Protocol):
     def released(self, text: str) -> None: ...
     async def roll_back(self, released: int) -> bool: ...
     async def released_verdict(self, text: str) -> Verdict | None: ...
+    def judged_text(self) -> str: ...
 
 
 class LiveJudge:
     """A live guard's session: judges text as it comes; all but its pending tail is judged.
 
-    Hold-back: after each push the judge records (verdicts so far, characters of the pushed text they
-    judged: `pushed - len(pending_text)`); text is releasable up to the last record at least `hold`
-    verdicts behind the newest (so at push granularity: a push that commits several tokens is released
-    as a unit, never early).
+    Hold-back (`leak.HoldBack`, the rule the WebSocket protocol and the LiteLLM guardrail use too): after
+    each push the judge notes its verdicts and the characters of the pushed text they judged (`pushed -
+    len(pending_text)`); text is releasable up to the last note at least `hold` verdicts behind the
+    newest (so at push granularity: a push that commits several tokens is released as a unit, never early).
 
     Rollback (`checkpoint`, a second session opened on the same conversation): it is pushed the text
     released to the client, in the same batched step as the live session's next push; a rollback closes
@@ -230,12 +233,13 @@ class LiveJudge:
 
     def __init__(self, session, bound: TokenBound, max_context: int, hold: int = 0, checkpoint=None,
                  reopen=None):
-        self.session, self.bound, self.max_context, self.hold = session, bound, max_context, hold
+        self.session, self.bound, self.max_context = session, bound, max_context
+        self.window = HoldBack(hold)
         self.checkpoint, self.reopen = checkpoint, reopen  # reopen(): a fresh session on the conversation
         self.backlog = ""  # released text the checkpoint has not been pushed yet
         self.checkpoint_blocked = False
-        self.n = self.pushed = self.safe = 0  # verdicts / characters pushed / releasable, this branch
-        self.marks: deque[tuple[int, int]] = deque()
+        self.pushed = 0  # characters pushed, this branch
+        self.pieces: list[tuple[Path, str]] = []  # the pieces pushed, this branch (for `judged_text`)
         self.finished = False
 
     async def push(self, pieces: list[tuple[Path, str]], text: str) -> bool:
@@ -246,6 +250,7 @@ class LiveJudge:
             raise CapacityError(f"the answer needs at least {n} more tokens, over the {room} left in the "
                                 f"guard's live context of {self.max_context}")
         self.pushed += len(text)
+        self.pieces += pieces
         return self.record(await self.with_checkpoint(self.session.push_text(text)))
 
     async def finish(self) -> bool:
@@ -254,8 +259,7 @@ class LiveJudge:
         return stop
 
     def record(self, vs) -> bool:
-        self.n += len(vs)
-        self.marks.append((self.n, self.pushed - len(self.session.pending_text)))
+        self.window.judged(len(vs), self.pushed - len(self.session.pending_text))
         return any(tv.stop for tv in vs)
 
     async def with_checkpoint(self, work: Awaitable):
@@ -269,9 +273,7 @@ class LiveJudge:
     def releasable(self) -> int:
         if self.finished:
             return self.pushed
-        while self.marks and self.marks[0][0] <= self.n - self.hold:
-            self.safe = max(self.safe, self.marks.popleft()[1])
-        return self.safe
+        return self.window.releasable()
 
     def unjudged(self) -> int:
         return len(self.session.pending_text)
@@ -302,10 +304,14 @@ class LiveJudge:
         fork = type(self.checkpoint)(ck.guard.fork(ck))  # never in flight here: every push was awaited
         self.session.close()
         self.session = fork
-        self.n, self.pushed = fork.session.n_moderated, released
-        self.safe, self.finished = released, False
-        self.marks.clear()
+        self.pushed, self.finished = released, False
+        self.pieces = first_chars(self.pieces, released)  # the fork goes on from the released prefix
+        self.window.reset(fork.session.n_moderated, released)
         return True
+
+    def judged_text(self) -> str:
+        """This branch's answer as far as the verdicts read it (all pushed but the pending tail)."""
+        return answer_text(message_of(first_chars(self.pieces, self.pushed - len(self.session.pending_text))))
 
     async def released_verdict(self, text: str) -> Verdict | None:
         """The guard's verdict of exactly `text`, the released answer: the checkpoint's, else one fresh
@@ -340,6 +346,7 @@ class BufferedJudge:
         self.pieces: list[tuple[Path, str]] = []
         self.n, self.done = 0, False
         self.v: Verdict | None = None
+        self.text = ""  # the answer judged (`finish`)
 
     async def push(self, pieces: list[tuple[Path, str]], text: str) -> bool:
         self.pieces += pieces
@@ -352,7 +359,7 @@ class BufferedJudge:
         return False
 
     async def finish(self) -> bool:
-        text = answer_text(message_of(self.pieces))
+        text = self.text = answer_text(message_of(self.pieces))
         if text.strip():  # whitespace is not judged (the guard has nothing to read in it)
             if self.settings.log_content:
                 log.info("proxy answer content=%r", text)
@@ -373,14 +380,28 @@ class BufferedJudge:
         pass
 
     async def roll_back(self, released: int) -> bool:
-        self.pieces, self.n, self.done, self.v = [], 0, False, None
+        self.pieces, self.n, self.done, self.v, self.text = [], 0, False, None, ""
         return True
+
+    def judged_text(self) -> str:
+        return self.text
 
     async def released_verdict(self, text: str) -> Verdict | None:
         return None  # only a blocked answer is cut: nothing of it was released
 
     async def aclose(self) -> None:
         pass
+
+
+def first_chars(pieces: list[tuple[Path, str]], n: int) -> list[tuple[Path, str]]:
+    """The pieces up to the first `n` characters of their concatenated text, the last one cut there."""
+    out = []
+    for path, text in pieces:
+        if n <= 0:
+            break
+        out.append((path, text[:n]))
+        n -= len(text)
+    return out
 
 
 def message_of(pieces: list[tuple[Path, str]]) -> dict[str, Any]:
@@ -459,13 +480,14 @@ async def proxy_stream(state: AppState, upstream: UpstreamClient, body: dict[str
 
 def report_stream(state: AppState, judge, report: LeakReport) -> None:
     """The metrics and audit record of a streamed answer, however it ended (its client gone too): the
-    verdict its judge came to (the last, after any rollback), and what leak control did."""
+    verdict its judge came to (the last, after any rollback) with the answer text it judged (hashed as a
+    non-streamed answer's is; stored only with --log-content), and what leak control did."""
     try:
-        v = judge.verdict()
+        v, text = judge.verdict(), judge.judged_text()
     except Exception:  # a session closed under it: nothing to report
-        v = None
+        v, text = None, None
     if v is not None:
-        state.observe("chat", v, "response", blocked=v.blocked)
+        state.observe("chat", v, "response", text=text, blocked=v.blocked)
     report_answer(state, report, cut=v is not None and v.blocked)
 
 

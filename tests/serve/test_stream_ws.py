@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import threading
 import time
@@ -14,6 +15,8 @@ import uvicorn
 
 from qguard import Guard
 from qguard.serve import ServeSettings, create_app
+from qguard.tokenizer import encode_text
+from tests.serve import test_leak_control as leak  # its scripted answers and independent unsafe position
 
 websockets = pytest.importorskip("websockets")
 from websockets.sync.client import connect  # noqa: E402
@@ -410,3 +413,155 @@ def test_content_is_logged_only_on_opt_in(guard, caplog, log_content):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "stream open" in logged and "stream finish" in logged
     assert (secret in logged) is log_content
+
+
+# ------------------------------------------------------------------------------ hold-back (issue #17)
+# The guard of tests/serve/test_leak_control.py: a response token is Unsafe exactly when it is " bomb" or
+# " explosives", every prompt Safe. Where the scripted answer becomes unsafe is computed there
+# independently (`unsafe_char`: one full forward over the whole answer, debounced).
+
+@pytest.fixture(scope="module")
+def trigger(tiny_stream, tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("ws-trigger") / "ck"
+    shutil.copytree(tiny_stream, d)
+    cfg = json.loads((d / "config.json").read_text())
+    risk = {v: int(k) for k, v in cfg["response_risk_level_map"].items()}
+    sd = load_file(str(d / "model.safetensors"))
+    emb = sd["model.embed_tokens.weight"]
+    emb[:, 0] = 0.0
+    emb[[leak.BOMB, leak.EXPLOSIVES], 0] = 30.0
+    for name, w in sd.items():
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            w[0, :] = 0.0
+    sd["model.norm.weight"][0] = 1.0
+    pre = sd["risk_level_category_pre.weight"]
+    pre[0, :] = 0.0
+    pre[0, 0] = 1.0
+    sd["risk_level_category_layernorm.weight"][0] = 1.0
+    sd["risk_level_head.weight"].zero_()
+    sd["risk_level_head.weight"][risk["Unsafe"], 0] = 20.0
+    sd["query_risk_level_category_layernorm.weight"].zero_()
+    save_file(sd, str(d / "model.safetensors"))
+    g = Guard.from_pretrained(d, dtype="fp32")
+    assert g.classify_response(leak.PROMPT, leak.HARM).blocked
+    assert not g.classify_response(leak.PROMPT, SAFE_ANSWER).blocked
+    return g
+
+
+SAFE_ANSWER = leak.SAFE_START + leak.SAFE_CONT
+
+
+def released_session(ws, answer: str, **open_kw) -> tuple[list[str], dict, list[dict]]:
+    """Open a story session, push `answer` word by word, finish: each reply's `release` (the finish's
+    last), the verdict frame, and every `tokens` frame."""
+    opened = call(ws, open_frame(leak.PROMPT, **open_kw))
+    assert opened["type"] == "prompt" and not opened["blocked"], opened
+    releases, frames = [], []
+    for w in leak.words(answer):
+        r = call(ws, {"type": "push", "text": w})
+        assert r["type"] == "tokens", r
+        frames.append(r)
+        releases.append(r["release"])
+        assert r["released"] == len("".join(releases))
+    end = call(ws, {"type": "finish"})
+    assert end["type"] == "verdict", end
+    releases.append(end["release"])
+    assert end["released"] == len("".join(releases))
+    return releases, end, frames
+
+
+@pytest.mark.parametrize("hold", [0, 2, 8])
+def test_released_text_never_reaches_the_unsafe_position(trigger, hold):
+    bad, after_bad = leak.unsafe_char(trigger, leak.HARM)
+    with serve(trigger, hold_tokens=hold) as s, connect(s.url) as ws:
+        releases, end, frames = released_session(ws, leak.HARM)
+        assert call(ws, open_frame(leak.PROMPT))["hold_tokens"] == hold
+    released = "".join(releases)
+    assert leak.HARM.startswith(released) and released  # a prefix of what was pushed, in order
+    assert end["verdict"]["action"] == "block" and end["release"] == ""  # a blocked answer: no remainder
+    stopped = next(i for i, f in enumerate(frames) if f["stop"])
+    assert all(f["release"] == "" for f in frames[stopped:])  # nothing once the session stopped
+    # never the token at the unsafe position (the deciding one); with a window, not the pair's first either
+    assert len(released) <= (bad if hold >= 1 else after_bad)
+    if hold:  # the window holds `hold` judged tokens back: at least that many before the pair are unseen
+        assert leak.tokens(trigger, leak.HARM[len(released):bad]) >= hold - 1
+
+
+@pytest.mark.parametrize("hold", [0, 2, 8])
+def test_a_safe_answer_is_released_whole_at_finish(trigger, hold):
+    with serve(trigger, hold_tokens=hold) as s, connect(s.url) as ws:
+        releases, end, frames = released_session(ws, SAFE_ANSWER)
+    assert "".join(releases) == SAFE_ANSWER and end["verdict"]["action"] == "allow"
+    before_finish = "".join(releases[:-1])
+    assert SAFE_ANSWER.startswith(before_finish)
+    if hold:  # the window held the last `hold` judged tokens until the end
+        assert leak.tokens(trigger, SAFE_ANSWER[len(before_finish):]) >= hold
+    else:  # stream-first: only the incremental tokenizer's uncommitted tail waited
+        assert SAFE_ANSWER[len(before_finish):] == frames[-1]["pending_text"]
+
+
+def test_open_may_ask_a_larger_window_never_a_smaller_one(trigger):
+    bad, _ = leak.unsafe_char(trigger, leak.HARM)
+    with serve(trigger, hold_tokens=2) as s, connect(s.url) as ws:
+        r = call(ws, open_frame(leak.PROMPT, hold_tokens=1))
+        assert (r["type"], r["code"]) == ("error", "bad_field") and "hold_tokens" in r["message"]
+        assert call(ws, open_frame(leak.PROMPT, hold_tokens=True))["code"] == "bad_field"
+        small, _, _ = released_session(ws, leak.HARM)
+        large, _, _ = released_session(ws, leak.HARM, hold_tokens=8)
+    assert len("".join(large)) < len("".join(small)) <= bad
+    assert leak.tokens(trigger, leak.HARM[len("".join(large)):bad]) >= 8 - 1
+
+
+def test_ids_pushes_release_ids_behind_the_window(trigger):
+    ids = encode_text(trigger.tokenizer, leak.HARM)
+    unsafe_at = trigger.stream_trace(leak.PROMPT, leak.HARM).response.unsafe_position  # a full forward
+    assert unsafe_at is not None and ids[unsafe_at - 1] in (leak.BOMB, leak.EXPLOSIVES)
+    with serve(trigger, hold_tokens=2) as s, connect(s.url) as ws:
+        assert call(ws, open_frame(leak.PROMPT))["type"] == "prompt"
+        got: list[int] = []
+        for i in range(0, len(ids), 3):
+            r = call(ws, {"type": "push", "ids": ids[i:i + 3]})
+            got += r["release"]
+            assert r["released"] == len(got)
+        end = call(ws, {"type": "finish"})
+        assert end["release"] == [] and end["verdict"]["unsafe_position"] == unsafe_at
+    assert got == ids[:len(got)] and got
+    assert len(got) <= unsafe_at - 1  # neither token of the deciding pair
+    safe_ids = encode_text(trigger.tokenizer, SAFE_ANSWER)
+    with serve(trigger, hold_tokens=8) as s, connect(s.url) as ws:
+        call(ws, open_frame(leak.PROMPT))
+        got = [x for i in range(0, len(safe_ids), 3) for x in call(ws, {"type": "push", "ids": safe_ids[i:i + 3]})["release"]]
+        assert len(got) <= len(safe_ids) - 8
+        got += call(ws, {"type": "finish"})["release"]
+    assert got == safe_ids
+
+
+def test_python_client_exposes_the_released_text(trigger):
+    from qguard.client import AsyncQGuardClient, QGuardClient
+
+    bad, _ = leak.unsafe_char(trigger, leak.HARM)
+    with serve(trigger, hold_tokens=2) as s:
+        client = QGuardClient(f"http://127.0.0.1:{s.port}")
+        with client.open_stream(leak.PROMPT, hold_tokens=4) as cs:
+            assert cs.hold_tokens == 4
+            news = []
+            for w in leak.words(leak.HARM):
+                cs.push_text(w)
+                news.append(cs.release)
+            assert cs.finish().blocked and cs.release == ""
+        assert cs.released_text == "".join(news) and leak.HARM.startswith(cs.released_text)
+        assert 0 < len(cs.released_text) <= bad
+
+        async def safe(url):
+            async with await AsyncQGuardClient(url).open_stream(leak.PROMPT) as a:
+                for w in leak.words(SAFE_ANSWER):
+                    await a.push_text(w)
+                before = a.released_text
+                await a.finish()
+                return a.hold_tokens, before, a.released_text
+
+        hold, before, after = asyncio.run(asyncio.wait_for(safe(f"http://127.0.0.1:{s.port}"), 60))
+    assert hold == 2 and SAFE_ANSWER.startswith(before) and len(before) < len(SAFE_ANSWER)
+    assert after == SAFE_ANSWER
