@@ -114,6 +114,20 @@ class StreamSession:
         return self.response.stop
 
     @property
+    def in_reasoning(self) -> bool:
+        """The turn is in its reasoning: opened with thinking, `<think>` pushed, `</think>` not yet."""
+        return self.reader.phase == "think"
+
+    def restart_text(self) -> None:
+        """A new text stream after `flush`: later `push_text` calls are tokenized on their own (e.g. the
+        answer after the reasoning, once its text was flushed and `</think>` pushed as ids). Refused while
+        pushed text is still pending."""
+        self.check_open()
+        if self.text.pending:
+            raise InputError("text is still pending in this session; flush it before starting a new text stream")
+        self.text = TextFeed(self.guard.tokenizer, self.guard.official_special_tokens)
+
+    @property
     def n_moderated(self) -> int:
         """Tokens of the response that got a verdict so far."""
         return self.response.n_moderated

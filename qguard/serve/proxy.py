@@ -58,6 +58,7 @@ from qguard.serve.models import (
 from qguard.serve.settings import ServeSettings
 from qguard.serve.sse import KEEPALIVE, DeltaWriter, Path, paced, sse
 from qguard.serve.upstream import Chunk, UpstreamClient
+from qguard.tokenizer import DOUBLE_NEWLINE, END_THINK, NEWLINE, THINK
 
 log = logging.getLogger("qguard.serve")
 
@@ -229,6 +230,17 @@ class LiveJudge:
     Rollback (`checkpoint`, a second session opened on the same conversation): it is pushed the text
     released to the client, in the same batched step as the live session's next push; a rollback closes
     the live session and forks the checkpoint (one KV copy of the released prefix, nothing re-judged).
+
+    Reasoning (`reasoning_content` / `reasoning`) is read in the official layout, `<think>\\n{reasoning}\\n
+    </think>\\n\\n{answer}` (what `models.answer_text` gives a whole answer): the session is opened before
+    the first chunk in answer mode (Qwen3's empty think block in the prompt); when the first piece is
+    reasoning, it is reopened once in thinking mode (nothing was pushed yet) with `<think>\\n` pushed as
+    ids, and `end_think` (the pushed text's first character after the reasoning) is set when the first
+    other piece arrives; every session of the answer (the checkpoint, a released verdict's) is pushed the
+    same layout (`feed`). Structure goes in as ids, never as text, and is not counted in `pushed`, so
+    the release accounting is the upstream's characters only. The template's `\\n` before `</think>` is
+    pushed as text with the reasoning's tail (they tokenize together, e.g. ".\\n"), and flushed at once.
+    Reasoning after other text (a malformed stream) cannot switch modes: it is judged as answer text.
     """
 
     def __init__(self, session, bound: TokenBound, max_context: int, hold: int = 0, checkpoint=None,
@@ -241,6 +253,10 @@ class LiveJudge:
         self.pushed = 0  # characters pushed, this branch
         self.pieces: list[tuple[Path, str]] = []  # the pieces pushed, this branch (for `judged_text`)
         self.finished = False
+        self.started = False  # the first piece came (it chose the layout)
+        self.thinking = False  # the sessions are in thinking mode: the answer starts with reasoning
+        self.end_think: int | None = None  # the first character of the pushed text after the reasoning
+        self.checkpoint_at = 0  # characters pushed to the checkpoint
 
     async def push(self, pieces: list[tuple[Path, str]], text: str) -> bool:
         # a delta that cannot fit the session's context is refused before the shared step thread
@@ -249,12 +265,44 @@ class LiveJudge:
         if (n := await self.bound.exceeds(self.session.pending_text + text, room)) is not None:
             raise CapacityError(f"the answer needs at least {n} more tokens, over the {room} left in the "
                                 f"guard's live context of {self.max_context}")
+        if not self.started:
+            self.started = True
+            if pieces[0][0][0] in REASONING:
+                await self.think()
+        at = self.pushed
+        if self.thinking and self.end_think is None:
+            n = reasoning_length(pieces)
+            if n < len(text):  # the first piece that is not reasoning: the answer starts here
+                self.end_think = at + n
         self.pushed += len(text)
         self.pieces += pieces
-        return self.record(await self.with_checkpoint(self.session.push_text(text)))
+        return self.record(await self.with_checkpoint(feed(self.session, text, at, self.end_think)))
+
+    async def think(self) -> None:
+        """The answer starts with reasoning: the sessions (nothing pushed yet) are opened again in
+        thinking mode, `<think>\\n` pushed; a new checkpoint is forked from the new session."""
+        self.session.close()  # first, so that their slots are free for the new ones
+        if self.checkpoint is not None:
+            self.checkpoint.close()
+        self.session = await self.open(thinking=True)
+        self.thinking = True
+        if self.checkpoint is not None:
+            s = self.session.session
+            self.checkpoint = type(self.session)(s.guard.fork(s))
+
+    async def open(self, thinking: bool):
+        """A fresh session on the conversation in the answer's mode, its structure pushed."""
+        s = await self.reopen(thinking)
+        if thinking:
+            try:
+                await s.push([THINK, NEWLINE])
+            except BaseException:
+                s.close()
+                raise
+        return s
 
     async def finish(self) -> bool:
-        stop = self.record(await self.with_checkpoint(self.session.flush()))
+        stop = self.record(await self.with_checkpoint(end_text(self.session)))
         self.finished = True
         return stop
 
@@ -265,9 +313,7 @@ class LiveJudge:
     async def with_checkpoint(self, work: Awaitable):
         if self.checkpoint is None or not self.backlog:
             return await work
-        backlog, self.backlog = self.backlog, ""
-        vs, cvs = await asyncio.gather(work, self.checkpoint.push_text(backlog))  # one batched step
-        self.checkpoint_blocked = self.checkpoint_blocked or any(v.stop for v in cvs)
+        vs, _ = await asyncio.gather(work, self.sync_checkpoint())  # one batched step
         return vs
 
     def releasable(self) -> int:
@@ -288,7 +334,8 @@ class LiveJudge:
     async def sync_checkpoint(self) -> None:
         if self.backlog:
             backlog, self.backlog = self.backlog, ""
-            cvs = await self.checkpoint.push_text(backlog)
+            at, self.checkpoint_at = self.checkpoint_at, self.checkpoint_at + len(backlog)
+            cvs = await feed(self.checkpoint, backlog, at, self.end_think)
             self.checkpoint_blocked = self.checkpoint_blocked or any(v.stop for v in cvs)
 
     async def roll_back(self, released: int) -> bool:
@@ -304,7 +351,7 @@ class LiveJudge:
         fork = type(self.checkpoint)(ck.guard.fork(ck))  # never in flight here: every push was awaited
         self.session.close()
         self.session = fork
-        self.pushed, self.finished = released, False
+        self.pushed, self.finished = released, False  # (never in thinking mode: only content rolls back)
         self.pieces = first_chars(self.pieces, released)  # the fork goes on from the released prefix
         self.window.reset(fork.session.n_moderated, released)
         return True
@@ -318,21 +365,70 @@ class LiveJudge:
         session's (a prefill of it); None when nothing was released or no session is free."""
         if self.checkpoint is not None:
             await self.sync_checkpoint()
+            await end_text(self.checkpoint)
             return await self.checkpoint.finish()
         if not text or self.reopen is None:
             return None
         try:
-            s = await self.reopen()
+            s = await self.open(self.thinking)
         except CapacityError:
             return None
         async with s:
-            await s.push_text(text)
+            await feed(s, text, 0, self.end_think)
+            await end_text(s)
             return await s.finish()
 
     async def aclose(self) -> None:
         self.session.close()
         if self.checkpoint is not None:
             self.checkpoint.close()
+
+
+REASONING = ("reasoning_content", "reasoning")  # the paths of an answer's reasoning pieces
+
+
+def reasoning_length(pieces: list[tuple[Path, str]]) -> int:
+    """Characters of the reasoning pieces that `pieces` start with."""
+    n = 0
+    for path, text in pieces:
+        if path[0] not in REASONING:
+            break
+        n += len(text)
+    return n
+
+
+def in_reasoning(s) -> bool:
+    """Session `s` (thinking mode) is in the turn's reasoning: its `</think>` is not pushed yet."""
+    return s.session.in_reasoning
+
+
+async def feed(s, text: str, at: int, end_think: int | None) -> list:
+    """Push `text`, characters `at`.. of an answer's pushed text, to session `s` in the official layout:
+    a session in the reasoning ends it before character `end_think` (None: not known yet). Its verdicts."""
+    if end_think is None or not in_reasoning(s) or at + len(text) <= end_think:
+        return await s.push_text(text) if text else []
+    cut = max(end_think - at, 0)
+    vs = await close_think(s, text[:cut])
+    return vs + (await s.push_text(text[cut:]) if text[cut:] else [])
+
+
+async def close_think(s, tail: str = "") -> list:
+    """End the reasoning of `s` with its last text `tail`: the template's "\\n" before `</think>` goes with
+    it (as text: they tokenize together), all is flushed, then `</think>` `\\n\\n` as ids; the answer's text
+    that follows is a new text stream. Its verdicts."""
+    vs = await s.push_text(tail + "\n")
+    vs += await s.flush()
+    vs += await s.push([END_THINK, DOUBLE_NEWLINE])
+    s.session.restart_text()  # a flushed text stream takes no more text: the answer's starts afresh
+    return vs
+
+
+async def end_text(s) -> list:
+    """The end of the answer's text for `s`: the reasoning closed if it is still open (an answer of
+    reasoning alone), the tail flushed. Its verdicts."""
+    if in_reasoning(s):
+        return await close_think(s)
+    return await s.flush()
 
 
 class BufferedJudge:
@@ -445,8 +541,10 @@ async def proxy_stream(state: AppState, upstream: UpstreamClient, body: dict[str
         else:
             stream_guard = await state.live()
 
-            async def reopen():
-                return await stream_guard.open_async(messages, timeout=settings.upstream_timeout_s)
+            async def reopen(thinking: bool = False):
+                return await stream_guard.open_async(messages, thinking=thinking,
+                                                     moderate_thinking=state.guard.moderate_thinking,
+                                                     timeout=settings.upstream_timeout_s)
 
             try:
                 session = await reopen()

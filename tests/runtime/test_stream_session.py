@@ -124,6 +124,28 @@ def test_thinking_reading_positions(loaded, moderate_thinking):
         s.push([100])
 
 
+def test_reasoning_as_text_then_the_boundary_as_ids_then_the_answer_as_text(loaded):
+    """What the live proxy does with an upstream's reasoning: text, flushed, `</think>` as ids, and a new
+    text stream for the answer; the session reads the official layout (reasoning, then answer parts)."""
+    sg = make_guard(loaded)
+    with sg.open("What is 2+2?", thinking=True) as s:
+        assert not s.in_reasoning
+        s.push([THINK, NEWLINE])
+        assert s.in_reasoning
+        think = s.push_text("The user asks about math.\n")
+        with pytest.raises(InputError, match="still pending"):
+            s.restart_text()  # the tail is not judged yet: a new stream would lose it
+        think += s.flush()
+        s.push([END_THINK, DOUBLE_NEWLINE])
+        assert not s.in_reasoning
+        with pytest.raises(InputError, match="already flushed"):
+            s.push_text("Two")
+        s.restart_text()
+        answer = s.push_text("Two plus two is four.") + s.flush()
+    assert think and {v.part for v in think} == {Part.THINK}
+    assert answer and {v.part for v in answer} == {Part.ANSWER}
+
+
 def test_thinking_off_prompt_carries_the_empty_think_block(loaded):
     sg = make_guard(loaded)
     with sg.open("hello", system="Be nice.") as s:

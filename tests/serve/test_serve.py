@@ -635,8 +635,9 @@ def test_the_live_proxy_sends_its_own_chunks_with_judged_fields_only(guard):
                       ("tool", 0): {"id": "call_1", "args": "{\"q\": \"up\"}", "name": "look"},
                       "function_call": {"name": "f", "arguments": "{}"}}
     assert finishes(evts) == ["stop"] and evts[-3]["choices"][0]["finish_reason"] == "stop"
-    # everything the client got was judged: the live verdict covers every pushed field
-    judged = "thinking Hello" + "look{\"q\": \"up\"}" + " no" + "f{}"
+    # everything the client got was judged: the live verdict covers every pushed field, the reasoning in
+    # the official layout (`<think>` ... `</think>`, what a whole answer's `answer_text` gives)
+    judged = "thinking </think>\n\nHello" + "look{\"q\": \"up\"}" + " no" + "f{}"
     offline = g.classify_response("hi", judged)
     assert evts[-2]["qguard"]["response"]["label"] == offline.label.value
     assert evts[-2]["qguard"]["response"]["n_tokens"] > evts[-2]["qguard"]["prompt"]["n_tokens"]
