@@ -217,7 +217,7 @@ def machine(device: torch.device) -> str:
 PRECISIONS = {  # variant -> (dtype of everything but the decoder projections, their quantization)
     "fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.float32, "int8"),
     "int8-weight": (torch.float32, "int8-weight"), "bf16+int8": (torch.bfloat16, "int8"),
-    "bf16+int8-weight": (torch.bfloat16, "int8-weight"), "int4-weight": (torch.float32, "int4-weight"),
+    "bf16+int8-weight": (torch.bfloat16, "int8-weight"),
 }
 
 

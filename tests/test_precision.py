@@ -258,6 +258,10 @@ def test_quantized_gen_engine_equals_greedy_decoding_of_the_same_model(tmp_path,
 
     path = trained_gen(tmp_path)
     ref = build_gen_model(open_checkpoint(path), torch.device("cpu"), torch.float32)
+    if scheme == "int4-weight":  # Stream only: on Gen-0.6B it changed most answers (docs/benchmarks.md)
+        with pytest.raises(InputError, match="not offered for gen checkpoints"):
+            Guard.from_pretrained(path, device="cpu", quantize=scheme)
+        return
     model = quantize_model(build_gen_model(open_checkpoint(path), torch.device("cpu"), torch.float32), scheme)
     tok = load_tokenizer(path)
     eng, ref_eng = GenEngine(model, tok, max_new_tokens=24), GenEngine(ref, tok, max_new_tokens=24)
@@ -266,7 +270,7 @@ def test_quantized_gen_engine_equals_greedy_decoding_of_the_same_model(tmp_path,
     for conv, r in zip(convs, got):  # batching and the shared prefix change nothing in the quantized model
         assert r.token_ids == reference_greedy(model, eng.prepare(conv).ids, 24)
     same = sum(a.answer == b.answer and a.error == b.error for a, b in zip(got, want))
-    assert same >= len(convs) - (2 if scheme == "int4-weight" else 1), [(a.text, b.text) for a, b in zip(got, want)]
+    assert same >= len(convs) - 1, [(a.text, b.text) for a, b in zip(got, want)]
     assert max(abs(a.severity_probs[k] - b.severity_probs[k]) for a, b in zip(got, want)
                for k in a.severity_probs) < SCHEME_PROB_TOL.get(scheme, PROB_TOL)
 

@@ -117,7 +117,7 @@ def add_model_args(p: argparse.ArgumentParser, mode: bool = True, calibration: b
         p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
                        help="CPU only: int8 or int4 weights for the decoder's projections (int8: int8 "
                             "activations too; int8-weight: bf16 activations; int4-weight: half the bytes again, "
-                            "fastest per token, least exact). Check the agreement with full precision on your "
+                            "fastest per token, least exact, Stream models only). Check the agreement with full precision on your "
                             "data first: `qguard check-precision`")
     if mode:
         p.add_argument("--mode", default=None, choices=["strict", "loose"],

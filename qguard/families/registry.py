@@ -56,6 +56,7 @@ class Family(Protocol):
     architectures: tuple[str, ...]  # config.json `architectures` it loads, for family_for's error
     live: bool  # has live sessions (StreamGuard) and per-token positions
     shared_temperature: bool  # one temperature for prompts and responses (Gen: one LM head)
+    # optional: `quantize_schemes`, the CPU quantization schemes its checkpoints may load with (default all)
 
     def matches(self, config: dict[str, Any]) -> bool: ...
 
@@ -142,6 +143,10 @@ class GenFamily:
     architectures = (gen.ARCHITECTURE,)
     live = False
     shared_temperature = True
+    # `quantize` schemes a checkpoint of this family may load with (optional attribute; default: every
+    # scheme). Not int4-weight: on the Gen-0.6B architecture it changed 14 of 16 generated answers (int8:
+    # none; docs/benchmarks.md, "CPU precision"), and a wrong answer is a wrong verdict
+    quantize_schemes = ("int8", "int8-weight")
 
     def matches(self, config: dict[str, Any]) -> bool:
         return gen.matches(config)

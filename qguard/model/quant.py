@@ -22,7 +22,8 @@ Three schemes (`SCHEMES`), chosen by the agreement and speed measured in docs/be
   one-token steps (it dequantizes inside the kernel) and a bf16 GEMM on weights dequantized per call
   for larger batches. More exact than dynamic int8, slower when batched (see docs/benchmarks.md).
 - `"int4-weight"` (weight-only, int4 per group of 64 input channels, `Int4WeightLinear`): half of int8's
-  bytes, so the fastest one-token step, and the least exact scheme.
+  bytes, so the fastest one-token step, and the least exact scheme; Stream models only (on Gen it
+  changed most generated answers, so the Gen family refuses it: `quantize_schemes` in the registry).
 
 The transformation runs after a model is loaded, fused (`InferenceFusion.fuse_for_inference`) and
 calibrated, and before an engine is built: `quantize_model`. It replaces each fused weight stack (qkv,

@@ -50,6 +50,10 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
     family = family_for(ckpt.config, str(ckpt.path / "config.json"))
     if live and not family.live:
         raise CheckpointError(f"{ckpt.path} is a {family.name} checkpoint, not a Stream one")
+    allowed = getattr(family, "quantize_schemes", None)  # optional: every scheme when a family sets none
+    if quant and allowed is not None and quant not in allowed:
+        raise InputError(f"quantize={quant!r} is not offered for {family.name} checkpoints (it costs them too "
+                         f"much agreement, docs/benchmarks.md 'CPU precision'); use one of {', '.join(allowed)}")
     dev = pick_device(device)
     dt = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(ckpt.path)
