@@ -362,7 +362,30 @@ class Int8Linear(_QuantModule):
         super().__setstate__(state)
 
 
-class Int8WeightLinear(_QuantModule):
+class _WeightOnly(_QuantModule):
+    """The weight-only schemes: x in bf16 times a dequantizing kernel's weight; a subclass gives
+    `_product(xb)`: bf16 [M, in_features] -> [M, out_features]."""
+
+    def _product(self, xb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _mm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+        return self._product(x.reshape(-1, self.in_features).to(torch.bfloat16)), x.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, shape = self._mm(x)
+        return self._finish(y.to(x.dtype)).view(*shape[:-1], self.out_features)
+
+    def addmm_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self._mm(x)
+        flat = out.view(-1, self.out_features)
+        flat.add_(y)
+        if self.bias_f32 is not None:
+            flat.add_(self.bias_f32)
+        return out
+
+
+class Int8WeightLinear(_WeightOnly):
     """y = x W^T + b with W in int8 (per output channel) and x in bf16 ("int8-weight", weight-only).
 
     Up to SMALL_M rows (decode steps of up to 32 sessions) use `aten._weight_int8pack_mm`, which dequantizes
@@ -380,32 +403,16 @@ class Int8WeightLinear(_QuantModule):
         self.wq, scale = quantize_weight(weight)
         self.scale = scale.to(torch.bfloat16)
 
-    def _mm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
-        shape = x.shape
-        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
+    def _product(self, xb: torch.Tensor) -> torch.Tensor:
         if xb.shape[0] <= self.SMALL_M:
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.wq, self.scale)
-        else:
-            y = F.linear(xb, self.wq.to(torch.bfloat16) * self.scale[:, None])
-        return y, shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, shape = self._mm(x)
-        return self._finish(y.to(x.dtype)).view(*shape[:-1], self.out_features)
-
-    def addmm_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y, _ = self._mm(x)
-        flat = out.view(-1, self.out_features)
-        flat.add_(y)
-        if self.bias_f32 is not None:
-            flat.add_(self.bias_f32)
-        return out
+            return torch.ops.aten._weight_int8pack_mm(xb, self.wq, self.scale)
+        return F.linear(xb, self.wq.to(torch.bfloat16) * self.scale[:, None])
 
     def weight_int8(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.wq, self.scale.float()
 
 
-class Int4WeightLinear(_QuantModule):
+class Int4WeightLinear(_WeightOnly):
     """y = x W^T + b with W in int4, asymmetric per group of GROUP input channels, x in bf16 ("int4-weight").
 
     Half the bytes of int8: on a CPU a one-token step is bound by reading the weights, so this is the
@@ -427,24 +434,10 @@ class Int4WeightLinear(_QuantModule):
         q, self.scale_zero = quantize_weight_int4(F.pad(weight.detach().float(), (0, self.pad)), self.GROUP)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # uint8 [N, K / 2]
 
-    def _mm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
-        shape = x.shape
-        xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
+    def _product(self, xb: torch.Tensor) -> torch.Tensor:
         if self.pad:
             xb = F.pad(xb, (0, self.pad))
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.GROUP, self.scale_zero), shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, shape = self._mm(x)
-        return self._finish(y.to(x.dtype)).view(*shape[:-1], self.out_features)
-
-    def addmm_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y, _ = self._mm(x)
-        flat = out.view(-1, self.out_features)
-        flat.add_(y)
-        if self.bias_f32 is not None:
-            flat.add_(self.bias_f32)
-        return out
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.GROUP, self.scale_zero)
 
 
 def quantize_weight_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,7 +458,7 @@ def dequantize_int4(module: Int4WeightLinear) -> torch.Tensor:
     """The float weight [out, in] an int4 module computes with (for tests and inspection): its product
     with the identity, which is exact (one nonzero term per output)."""
     eye = torch.eye(module.in_features, dtype=torch.bfloat16)
-    return module._mm(eye)[0].float().t().contiguous()
+    return module._product(eye).float().t().contiguous()
 
 
 class Dropped(nn.Module):
