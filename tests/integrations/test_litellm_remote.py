@@ -9,7 +9,6 @@ import asyncio
 import os
 import re
 import socket
-import threading
 import time
 
 import pytest
@@ -25,48 +24,23 @@ from litellm.proxy._types import UserAPIKeyAuth  # noqa: E402
 from qguard.errors import InputError  # noqa: E402
 from qguard.integrations.litellm import QGuard, QGuardBlocked  # noqa: E402
 from qguard.serve import ServeSettings, create_app  # noqa: E402
+from tests import served  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.integrations import test_litellm as local  # noqa: E402  # its texts, drivers and the starter guard
 from tests.integrations.test_litellm import BENIGN, BOMB, STORY, STORY_PROMPT, chunk, scripted, text_of, user  # noqa: E402
+from tests.served import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Items? .* (is|are) using the `ReadOnly` qualifier:UserWarning")
 
 KEY = "k-remote"
 
 
-def wait_for(cond, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
-class Served:
-    """`qguard serve`'s app for `guard`, served by uvicorn on 127.0.0.1 (a free port) in a thread."""
+class Served(served.Served):
+    """`qguard serve`'s app for `guard` served on 127.0.0.1; `url` is its base URL."""
 
     def __init__(self, guard, **settings):
-        self.app = create_app(guard, ServeSettings(**settings))
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        wait_for(lambda: self.server.started, 20, "uvicorn to start")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-        self.sock.close()
-
-    def active(self) -> int:
-        sg = self.app.state.live_guard
-        return 0 if sg is None else sg.engine.active
+        super().__init__(create_app(guard, ServeSettings(**settings)))
+        self.url = self.http_url
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ import json
 import socket
 import struct
 import threading
-import time
 
 import pytest
-import uvicorn
 
 from qguard import Guard
 from qguard.policy import Action, Policy
 from qguard.serve import ServeSettings, create_app
+from tests.served import Served, wait_for
 
 openai = pytest.importorskip("openai")
 
@@ -28,36 +27,6 @@ def guard(tiny_stream):
     g = Guard.from_pretrained(tiny_stream)
     # allow everything, so every healthy stream runs to its end (the verdicts are still computed)
     return Guard(g.kind, g.name, g.tokenizer, Policy(default_action=Action.ALLOW), g.model, g.labels)
-
-
-def wait_for(cond, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
-class Served:
-    """An ASGI app served by uvicorn on 127.0.0.1 (a free port) in a thread of its own."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=256))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        wait_for(lambda: self.server.started, 20, "uvicorn to start")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-        self.sock.close()
 
 
 FAULTS = {  # upstream stream endings that are errors, whatever they look like (the audit's shapes)

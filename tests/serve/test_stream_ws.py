@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 
 from qguard import Guard
 from qguard.serve import ServeSettings, create_app
 from qguard.tokenizer import encode_text
+from tests import served
 from tests.serve import test_leak_control as leak  # its scripted answers and independent unsafe position
+from tests.served import wait_for
 
 websockets = pytest.importorskip("websockets")
 from websockets.sync.client import connect  # noqa: E402
@@ -27,40 +25,12 @@ RESPONSE = ("Mix flour, water, salt and yeast; knead for ten minutes, let it ris
 KEY = "k-stream"
 
 
-def wait_for(cond, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
-class Served:
-    """An app served by uvicorn on 127.0.0.1 (a free port) in a thread of its own."""
+class Served(served.Served):
+    """The app served on 127.0.0.1; `url` is its `/v1/stream` endpoint."""
 
     def __init__(self, app):
-        self.app = app
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
+        super().__init__(app)
         self.url = f"ws://127.0.0.1:{self.port}/v1/stream"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", backlog=256))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        wait_for(lambda: self.server.started, 20, "uvicorn to start")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
-        self.sock.close()
-
-    def active(self) -> int:
-        sg = self.app.state.live_guard
-        return 0 if sg is None else sg.engine.active
 
 
 def serve(guard, **settings) -> Served:
