@@ -23,13 +23,14 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+
+from _machine import cpu_name  # a sibling module: the scripts run from this folder
 
 PROMPT = "Tell me a story about a lighthouse."
 WORDS = ("The keeper climbed the stairs every evening, lit the great lamp and watched the ships pass safely "
@@ -142,17 +143,6 @@ def timed_stream(client, max_s: float) -> tuple[float, float, str]:
     if first is None:
         raise SystemExit("a stream carried no content")
     return first, total, "".join(text)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

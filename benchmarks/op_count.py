@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_name  # a sibling module: the scripts run from this folder
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -141,17 +141,6 @@ def summarize(counter: OpCounter, n_layers: int, top: int) -> dict:
         "kernels_per_layer": round(sum(1 for op in kernels if op[1]) / n_layers, 2),
         "top_ops": Counter(name for name, _, _ in ops).most_common(top),
     }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def report(args, base: dict, fused: dict, diff: float, machine: str) -> dict:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
 
 import torch
+from _machine import cpu_name  # a sibling module: the scripts run from this folder
 
 from qguard.checkpoint import StreamLabels
 from qguard.model.qwen3 import Qwen3Config
@@ -110,17 +110,6 @@ def bench_steady(sg: StreamGuard, n: int, steps: int, rng: random.Random) -> dic
     ckpt.close()
     a, b = statistics.median(alone), statistics.median(both)
     return {"live_only_ms": round(a, 3), "with_checkpoint_ms": round(b, 3), "overhead": round(b / a - 1.0, 3)}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -31,12 +31,12 @@ import gc
 import inspect
 import json
 import os
-import platform
 import random
 import statistics
 import time
 
 import torch
+from _machine import cpu_name  # a sibling module: the scripts run from this folder
 from transformers import Qwen3Config as HFQwen3Config
 from transformers import Qwen3Model as HFQwen3Model
 
@@ -84,17 +84,6 @@ CACHE_ARG = "cache" if "cache" in inspect.signature(HFQwen3Model.forward).parame
 
 def kv_of(out):
     return getattr(out, "cache", None) or out.past_key_values
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(device: torch.device) -> None:
