@@ -8,8 +8,6 @@ other token is the LM's own greedy choice.
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 
@@ -32,8 +30,8 @@ from qguard.policy import Severity, debounce
 from qguard.stream import StreamGuard
 from qguard.tokenizer import encode_text, load_tokenizer
 from tests.conftest import REPO
+from tests.trigger import BOMB, EXPLOSIVES, trigger_checkpoint
 
-BOMB, EXPLOSIVES = 12764, 56309  # " bomb", " explosives": the two tokens the trigger guard flags
 TRIGGERS = (BOMB, EXPLOSIVES)
 PROMPT = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
 TOL = 1e-4  # fp32 on CPU
@@ -47,34 +45,8 @@ def tok():
 @pytest.fixture(scope="module")
 def trigger_ckpt(tiny_stream, tmp_path_factory):
     """The tiny Stream checkpoint edited so that a response token is Unsafe exactly when it is " bomb" or
-    " explosives": hidden dimension 0 carries only those tokens' embeddings (every attention and MLP output
-    row 0 is zero), the risk head reads only that dimension, and elsewhere its logits are exactly 0, a tie
-    that argmax resolves to index 0, Safe. The category head is left as it was, so category probabilities
-    still depend on the whole context."""
-    from safetensors.torch import load_file, save_file
-
-    d = tmp_path_factory.mktemp("trigger") / "ck"
-    shutil.copytree(tiny_stream, d)
-    cfg = json.loads((d / "config.json").read_text())
-    risk = {v: int(k) for k, v in cfg["response_risk_level_map"].items()}
-    assert risk["Safe"] == 0
-    sd = load_file(str(d / "model.safetensors"))
-    emb = sd["model.embed_tokens.weight"]
-    emb[:, 0] = 0.0
-    emb[list(TRIGGERS), 0] = 30.0
-    for name, w in sd.items():
-        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
-            w[0, :] = 0.0
-    sd["model.norm.weight"][0] = 1.0
-    pre = sd["risk_level_category_pre.weight"]
-    pre[0, :] = 0.0
-    pre[0, 0] = 1.0
-    sd["risk_level_category_layernorm.weight"][0] = 1.0
-    head = sd["risk_level_head.weight"]
-    head.zero_()
-    head[risk["Unsafe"], 0] = 20.0
-    save_file(sd, str(d / "model.safetensors"))
-    return d
+    " explosives" (tests/trigger.py)."""
+    return trigger_checkpoint(tiny_stream, tmp_path_factory.mktemp("trigger") / "ck", TRIGGERS)
 
 
 @pytest.fixture(scope="module")

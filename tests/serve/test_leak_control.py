@@ -10,7 +10,6 @@ answer (`Guard.stream_trace`), debounced.
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import pytest
@@ -22,8 +21,8 @@ from qguard.policy import Debouncer
 from qguard.serve import ServeSettings, create_app
 from qguard.serve.leak import NUDGE_INSTRUCTION
 from qguard.tokenizer import encode_text, encode_text_offsets
+from tests.trigger import trigger_checkpoint
 
-BOMB, EXPLOSIVES = 12764, 56309  # " bomb", " explosives"
 PROMPT = "Tell me a story about a lighthouse."
 SAFE_START = " Sure, here is a story. The lighthouse keeper was kind and he kept the light on every night"
 HARM = SAFE_START + " until one day he built a bomb bomb with explosives and sold it to the town."
@@ -35,29 +34,7 @@ REFUSAL = "[refused]"
 
 @pytest.fixture(scope="module")
 def guard(tiny_stream, tmp_path_factory):
-    from safetensors.torch import load_file, save_file
-
-    d = tmp_path_factory.mktemp("trigger") / "ck"
-    shutil.copytree(tiny_stream, d)
-    cfg = json.loads((d / "config.json").read_text())
-    risk = {v: int(k) for k, v in cfg["response_risk_level_map"].items()}
-    sd = load_file(str(d / "model.safetensors"))
-    emb = sd["model.embed_tokens.weight"]
-    emb[:, 0] = 0.0
-    emb[[BOMB, EXPLOSIVES], 0] = 30.0
-    for name, w in sd.items():
-        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
-            w[0, :] = 0.0
-    sd["model.norm.weight"][0] = 1.0
-    pre = sd["risk_level_category_pre.weight"]
-    pre[0, :] = 0.0
-    pre[0, 0] = 1.0
-    sd["risk_level_category_layernorm.weight"][0] = 1.0
-    head = sd["risk_level_head.weight"]
-    head.zero_()
-    head[risk["Unsafe"], 0] = 20.0
-    sd["query_risk_level_category_layernorm.weight"].zero_()  # every prompt: uniform scores, argmax Safe
-    save_file(sd, str(d / "model.safetensors"))
+    d = trigger_checkpoint(tiny_stream, tmp_path_factory.mktemp("trigger") / "ck", safe_prompts=True)
     g = Guard.from_pretrained(d, dtype="fp32")
     assert not g.classify_prompt(PROMPT).blocked and g.classify_response(PROMPT, HARM).blocked
     assert not g.classify_response(PROMPT, SAFE_START + SAFE_CONT).blocked

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import pytest
 
@@ -15,6 +14,7 @@ from qguard.tokenizer import encode_text
 from tests import served
 from tests.serve import test_leak_control as leak  # its scripted answers and independent unsafe position
 from tests.served import wait_for
+from tests.trigger import BOMB, EXPLOSIVES, trigger_checkpoint
 
 websockets = pytest.importorskip("websockets")
 from websockets.sync.client import connect  # noqa: E402
@@ -392,28 +392,7 @@ def test_content_is_logged_only_on_opt_in(guard, caplog, log_content):
 
 @pytest.fixture(scope="module")
 def trigger(tiny_stream, tmp_path_factory):
-    from safetensors.torch import load_file, save_file
-
-    d = tmp_path_factory.mktemp("ws-trigger") / "ck"
-    shutil.copytree(tiny_stream, d)
-    cfg = json.loads((d / "config.json").read_text())
-    risk = {v: int(k) for k, v in cfg["response_risk_level_map"].items()}
-    sd = load_file(str(d / "model.safetensors"))
-    emb = sd["model.embed_tokens.weight"]
-    emb[:, 0] = 0.0
-    emb[[leak.BOMB, leak.EXPLOSIVES], 0] = 30.0
-    for name, w in sd.items():
-        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
-            w[0, :] = 0.0
-    sd["model.norm.weight"][0] = 1.0
-    pre = sd["risk_level_category_pre.weight"]
-    pre[0, :] = 0.0
-    pre[0, 0] = 1.0
-    sd["risk_level_category_layernorm.weight"][0] = 1.0
-    sd["risk_level_head.weight"].zero_()
-    sd["risk_level_head.weight"][risk["Unsafe"], 0] = 20.0
-    sd["query_risk_level_category_layernorm.weight"].zero_()
-    save_file(sd, str(d / "model.safetensors"))
+    d = trigger_checkpoint(tiny_stream, tmp_path_factory.mktemp("ws-trigger") / "ck", safe_prompts=True)
     g = Guard.from_pretrained(d, dtype="fp32")
     assert g.classify_response(leak.PROMPT, leak.HARM).blocked
     assert not g.classify_response(leak.PROMPT, SAFE_ANSWER).blocked
@@ -487,7 +466,7 @@ def test_open_may_ask_a_larger_window_never_a_smaller_one(trigger):
 def test_ids_pushes_release_ids_behind_the_window(trigger):
     ids = encode_text(trigger.tokenizer, leak.HARM)
     unsafe_at = trigger.stream_trace(leak.PROMPT, leak.HARM).response.unsafe_position  # a full forward
-    assert unsafe_at is not None and ids[unsafe_at - 1] in (leak.BOMB, leak.EXPLOSIVES)
+    assert unsafe_at is not None and ids[unsafe_at - 1] in (BOMB, EXPLOSIVES)
     with serve(trigger, hold_tokens=2) as s, connect(s.url) as ws:
         assert call(ws, open_frame(leak.PROMPT))["type"] == "prompt"
         got: list[int] = []
