@@ -43,8 +43,9 @@ from transformers import Qwen3ForCausalLM
 
 from qguard.engine.gen import GenEngine
 from qguard.families.gen import parse_answer
+from qguard.families.registry import family_for
 from qguard.model.gen import GenGuardModel
-from qguard.model.quant import quantize_model
+from qguard.model.quant import kernel_of, quantize_model
 from qguard.model.qwen3 import Qwen3Config
 from qguard.testing import gen_config
 from qguard.tokenizer import ENDOFTEXT, IM_END, encode, load_tokenizer
@@ -227,8 +228,8 @@ def variant(ours: GenGuardModel, name: str) -> GenGuardModel:
     if dtype == torch.float32 and scheme is None:
         return ours
     m = copy.deepcopy(ours)
-    if scheme:
-        quantize_model(m, scheme)
+    if scheme:  # the int8 kernel timed on the Gen family's workload, as the loader does
+        quantize_model(m, scheme, rows=family_for(gen_config("tiny")).quantize_rows)
     return m.to(dtype)
 
 
@@ -281,9 +282,10 @@ def main() -> None:
     def agree(ids: list[list[int]]) -> float:
         return sum(parsed(tok, a, t) == parsed(tok, b, t) for a, b, t in zip(ids, ref, targets)) / n
 
-    runs = {}  # variant -> (seconds, results)
+    runs, kernels = {}, {}  # variant -> (seconds, results); variant -> its int8 kernel (quantize="int8")
     for prec in precisions:
         m = variant(ours, prec) if cpu else ours
+        kernels[prec] = kernel_of(m)
         eng = GenEngine(m, tok, max_new_tokens=args.max_new_tokens, max_batch=args.batch_size)
         eng.classify(convs[:2])  # warm-up (and the per-header prefix caches, computed once per engine)
         res, t_q = timed(lambda eng=eng: eng.run(reqs))
@@ -311,7 +313,8 @@ def main() -> None:
         rows.append(("HF generate, batched bf16", t_bat16, agree(bat16), None))
     for prec in precisions:
         t_q, res = runs[prec]
-        rows.append((f"qguard GenEngine{' ' + prec if cpu else ''}", t_q, agree([r.token_ids for r in res]),
+        kern = f" ({kernels[prec]})" if kernels.get(prec) else ""
+        rows.append((f"qguard GenEngine{' ' + prec if cpu else ''}{kern}", t_q, agree([r.token_ids for r in res]),
                      sev_diff(res)))
     t_q32 = runs[precisions[0]][0]
     for name, t, ag, d in rows:
@@ -335,6 +338,7 @@ def main() -> None:
         "token_agreement_with_generate": sum(a == b for a, b in zip(ours_ids, ref)) / n,
         "hf_batched_label_agreement_with_b1": agree(bat),
         "variants": {prec: {"per_s": round(n / t, 3), "speedup_vs_qguard_fp32": round(t_q32 / t, 2),
+                            **({"int8_kernel": kernels[prec]} if kernels.get(prec) else {}),
                             "speedup_vs_hf_batched": round(t_bat / t, 2),
                             **({"speedup_vs_hf_batched_bf16": round(t_bat16 / t, 2)} if cpu else {}),
                             "label_agreement_with_generate": agree([r.token_ids for r in res]),

@@ -43,7 +43,7 @@ from transformers import Qwen3Model as HFQwen3Model
 from qguard.checkpoint import StreamLabels
 from qguard.engine.kvcache import SlotCache
 from qguard.engine.scoring import score_sequences
-from qguard.model.quant import quantize_model
+from qguard.model.quant import kernel_of, quantize_model
 from qguard.model.qwen3 import Qwen3Config
 from qguard.model.stream import StreamGuardModel, StreamHeadConfig
 from qguard.stream import StreamGuard
@@ -339,10 +339,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows, official, hf_kv, hf_kv16 = [], {}, {}, {}
     res: dict[str, dict[int, dict]] = {}  # variant name -> ctx -> {concurrency: (s/step, tok/s) | reason}
-    parity_diff, prob_diff = {}, {}
+    parity_diff, prob_diff, kernels = {}, {}, {}
     full32 = None
     for prec in precisions:  # exactness first (cheap): parity and the distance to the fp32 model
         m = variant_model(model, model16, prec) if cpu else model
+        kernels[prec] = kernel_of(m)  # picked once per weight shape and process: the same for every int8 variant
         parity_diff[prec], full = parity(m, labels, tok)
         if full32 is None:
             full32 = full
@@ -425,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
                          if isinstance(x.get(c), tuple) and isinstance(ref.get(ctx, {}).get(c), tuple)}
                 for c in args.concurrency}
             v["parity_max_abs_diff"] = parity_diff[prec]
+            if kernels.get(prec):
+                v["int8_kernel"] = kernels[prec]
             v["prob_diff_vs_fp32"] = prob_diff[prec]
             if prec in agreement:
                 v["measured_agreement"] = {k: agreement[prec].get(k) for k in (
@@ -443,8 +446,9 @@ def main(argv: list[str] | None = None) -> dict:
                      if a.get("unsafe_position_agreement") is not None else "")) if a else ""
             pv = per_variant.get(name, {})
             sp = pv.get("speedup_vs_hf_kv_b1", {}).get(str(head))
+            kern = f", int8 kernel {kernels[prec]}" if kernels.get(prec) else ""
             print(f"  {prec:<18} |dp| max {prob_diff[prec]['max']:.4f} mean {prob_diff[prec]['mean']:.5f}, parity "
-                  f"{parity_diff[prec]:.1e}, b1 at {head}: {sp if sp is not None else '-'}x hf fp32{ag}")
+                  f"{parity_diff[prec]:.1e}, b1 at {head}: {sp if sp is not None else '-'}x hf fp32{kern}{ag}")
         ok = [p for p in precisions if p == "fp32" or (p in agreement and agreement[p]["label_agreement"] is not None
                                                        and agreement[p]["label_agreement"] >= args.min_agreement)]
         timed_ok = [(per_variant[vname(p, '')]["speedup_vs_hf_kv_b1"].get(str(head)), p) for p in ok

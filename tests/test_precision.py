@@ -25,6 +25,7 @@ from qguard.engine.gen import GenEngine, reference_greedy
 from qguard.engine.scoring import score_sequences
 from qguard.engine.stream import HeadProbs, StreamEngine
 from qguard.errors import InputError
+from qguard.families.registry import GenFamily
 from qguard.guard import Guard
 from qguard.model import quant
 from qguard.model.quant import Int8Linear, Int8WeightLinear, QuantizedModelError, quantize_model
@@ -86,19 +87,46 @@ def test_quantized_linear_is_close_to_the_float_one_and_rows_are_independent():
 
 def test_int8_kernels_are_exact_and_agree():
     """Each available kernel passes the exactness probe (extreme int8 sums, where CPUs without VNNI
-    saturate), and oneDNN and torch._int_mm give the same results (integer products, same scaling)."""
+    saturate), and every exact one gives the same results (integer products, same scaling): which one
+    the timing picks changes speed only. fbgemm and `_int_mm` are bit-identical (both accumulate in int32
+    and scale the same fp32 product); oneDNN fuses the scaling and may round it differently."""
     assert quant._exact(quant.IntMMKernel())
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(64, 48, generator=g), torch.randn(9, 48, generator=g)
-    a = Int8Linear(w, kernel=quant.pick_kernel("int_mm"))
-    try:
-        b = Int8Linear(w, kernel=quant.pick_kernel("onednn"))
-    except InputError:
-        pytest.skip("oneDNN int8 linear not available (or not exact) on this CPU")
-    assert torch.equal(a.weight_int8()[0], b.weight_int8()[0])
-    assert torch.allclose(a(x), b(x), atol=1e-5, rtol=1e-5)
+    ref = Int8Linear(w, kernel=quant.pick_kernel("int_mm"))
+    ran = []
+    for name in ("fbgemm", "onednn"):
+        try:
+            lin = Int8Linear(w, kernel=quant.pick_kernel(name))
+        except InputError:
+            continue  # not available (or not exact) on this CPU
+        ran.append(name)
+        assert torch.equal(ref.weight_int8()[0], lin.weight_int8()[0])
+        for rows in (x[:1], x):  # a decode step's one row, and a batch
+            assert torch.allclose(ref(rows), lin(rows), atol=1e-5, rtol=1e-5)
+            if name == "fbgemm":
+                assert torch.equal(ref(rows), lin(rows))
+                assert torch.equal(ref(rows.bfloat16()), lin(rows.bfloat16()))
+    if not ran:
+        pytest.skip("neither fbgemm nor oneDNN int8 GEMMs are available (or exact) on this CPU")
     with pytest.raises(InputError, match="unknown int8 kernel"):
         quant.pick_kernel("nope")
+
+
+def test_fbgemm_rows_are_independent_and_copies_keep_the_weights():
+    """fbgemm's op quantizes its input with one scale for the whole tensor; qguard hands it rows already
+    quantized on their own scales, so a row's result does not depend on the rows beside it."""
+    try:
+        kernel = quant.pick_kernel("fbgemm")
+    except InputError:
+        pytest.skip("fbgemm's int8 GEMM is not available (or not exact) on this CPU")
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(96, 80, generator=g), torch.randn(4, 80, generator=g)
+    lin = Int8Linear(w, kernel=kernel)
+    loud = torch.cat([x[:1], 1000 * x[1:]])  # rows 1000x larger would coarsen row 0 on a shared scale
+    assert torch.equal(lin(loud)[0], lin(x[:1])[0])
+    clone = copy.deepcopy(lin)  # fbgemm's packed weight is an opaque object: copies go through the int8 values
+    assert clone.kernel is kernel and torch.equal(clone(x), lin(x))
 
 
 @pytest.mark.parametrize("k", [80, 128])  # 80: not a multiple of the group, so zero-padded
@@ -134,9 +162,30 @@ def test_int8_kernel_is_chosen_by_measurement():
     fast, slow = quant.IntMMKernel(), Slow()
     assert quant._fastest([slow, fast], 96, 64) is fast
     assert quant._fastest([fast, slow], 96, 64) is fast
-    assert Slow.calls == 2 * 4  # warm-up + 3 timed runs at one row, never the 16-row probe
+    assert Slow.calls == 2 * 6  # warm-up + 5 timed runs at one row, never the 16-row probe
     k = quant.pick_kernel(shape=(96, 64))
     assert quant._exact(k) and quant.pick_kernel(shape=(96, 64)) is k  # measured once per shape
+
+
+def test_int8_kernel_is_chosen_for_the_workload():
+    """Kernels rank differently by row count (fbgemm leads at one row, `_int_mm` at prefill sizes on this
+    project's CPU): the one fastest over the rows a family asks for wins (Gen prefills, Stream decodes)."""
+    import time
+
+    class SlowAt(quant.IntMMKernel):
+        def __init__(self, name, slow):
+            self.name, self.slow = name, slow
+
+        def mm(self, xq, packed, scale, dtype):
+            if self.slow(xq.shape[0]):
+                time.sleep(0.004)
+            return super().mm(xq, packed, scale, dtype)
+
+    decoder = SlowAt("decoder", lambda m: m >= 256)  # fast for one-token steps, slow for prefill
+    prefiller = SlowAt("prefiller", lambda m: m == 1)
+    for kernels in ([decoder, prefiller], [prefiller, decoder]):
+        assert quant._fastest(kernels, 96, 64) is decoder  # DECODE_ROWS: (1, 16)
+        assert quant._fastest(kernels, 96, 64, rows=(16, 512)) is prefiller
 
 
 def test_weight_only_small_and_large_batches_agree():
@@ -281,6 +330,26 @@ def test_bf16_and_quantized_gen_through_guard(tiny_gen):
         red = Guard.from_pretrained(tiny_gen, device="cpu", **kw)
         for a, b in zip(full.classify_prompts(PROMPTS[:3]), red.classify_prompts(PROMPTS[:3])):
             assert max(abs(a.probs[k] - b.probs[k]) for k in a.probs) < PROB_TOL, kw
+
+
+def test_loaders_time_the_int8_kernel_on_the_familys_workload(tiny_gen, tiny_stream, monkeypatch):
+    """Gen checkpoints pick their int8 GEMM on prefill-sized inputs, Stream ones on one-token steps; the
+    model says which kernel runs."""
+    asked = []
+    pick = quant.pick_kernel
+
+    def spy(name=None, shape=None, rows=quant.DECODE_ROWS):
+        asked.append(rows)
+        return pick(name, shape, rows)
+
+    monkeypatch.setattr(quant, "pick_kernel", spy)
+    gen = Guard.from_pretrained(tiny_gen, device="cpu", quantize="int8")
+    stream = Guard.from_pretrained(tiny_stream, device="cpu", quantize="int8")
+    assert asked == [GenFamily.quantize_rows, quant.DECODE_ROWS]
+    assert max(GenFamily.quantize_rows) >= 256
+    for g in (gen, stream):
+        assert quant.kernel_of(g.model) in quant.KERNELS
+    assert quant.kernel_of(Guard.from_pretrained(tiny_stream, device="cpu", quantize="int8-weight").model) is None
 
 
 # ------------------------------------------------------------------------------ inference-only models

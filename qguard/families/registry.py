@@ -56,7 +56,8 @@ class Family(Protocol):
     architectures: tuple[str, ...]  # config.json `architectures` it loads, for family_for's error
     live: bool  # has live sessions (StreamGuard) and per-token positions
     shared_temperature: bool  # one temperature for prompts and responses (Gen: one LM head)
-    # optional: `quantize_schemes`, the CPU quantization schemes its checkpoints may load with (default all)
+    # optional: `quantize_schemes`, the CPU quantization schemes its checkpoints may load with (default all),
+    # and `quantize_rows`, the input row counts its int8 kernel is timed on (default: one-token steps)
 
     def matches(self, config: dict[str, Any]) -> bool: ...
 
@@ -147,6 +148,9 @@ class GenFamily:
     # scheme). Not int4-weight: on the Gen-0.6B architecture it changed 14 of 16 generated answers (int8:
     # none; docs/benchmarks.md, "CPU precision"), and a wrong answer is a wrong verdict
     quantize_schemes = ("int8", "int8-weight")
+    # a classification is mostly the prefill of a ~450-token prompt (a few answer tokens follow), so its int8
+    # kernel is chosen on prefill-sized inputs (fbgemm is 2x `_int_mm` at one row on this project's CPU, 0.9x at 512)
+    quantize_rows = (16, 512)
 
     def matches(self, config: dict[str, Any]) -> bool:
         return gen.matches(config)

@@ -13,11 +13,11 @@ units (VNNI / AMX) do the math. What is quantized and what is not:
 Three schemes (`SCHEMES`), chosen by the agreement and speed measured in docs/benchmarks.md:
 
 - `"int8"` (dynamic activations): each row (one token) of a projection's input is quantized to int8 with
-  its own scale at run time, and the product is an int8 x int8 -> int32 GEMM (oneDNN's `qlinear`, which
-  takes plain int8 tensors; `torch._int_mm` where oneDNN cannot run it). Per ROW, not per tensor as
-  PyTorch's `quantize_dynamic` (fbgemm) does: a token's result then never depends on the other tokens
-  or sessions of the batch, so batched streaming equals batch-1 scoring (up to float rounding) and one
-  client's text cannot change another's verdict.
+  its own scale at run time, and the product is an exact int8 x int8 -> int32 GEMM: oneDNN's `qlinear`,
+  fbgemm's or `torch._int_mm`, whichever is measured fastest on this CPU for the model's workload
+  (`pick_kernel`). Per ROW, not per tensor as PyTorch's `quantize_dynamic` (fbgemm) does: a token's
+  result then never depends on the other tokens or sessions of the batch, so batched streaming equals
+  batch-1 scoring (up to float rounding) and one client's text cannot change another's verdict.
 - `"int8-weight"` (weight-only): int8 weights, activations kept in bf16, `aten._weight_int8pack_mm` for
   one-token steps (it dequantizes inside the kernel) and a bf16 GEMM on weights dequantized per call
   for larger batches. More exact than dynamic int8, slower when batched (see docs/benchmarks.md).
@@ -36,6 +36,7 @@ raise `QuantizedModelError`, so a reduced-precision checkpoint can never be writ
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,11 @@ def check_quantize(quantize: str | None, device: torch.device | str | None = Non
 def quantization_of(model: nn.Module) -> str | None:
     """The scheme a model was quantized with, or None for a full-precision model."""
     return getattr(model, "quantized", None)
+
+
+def kernel_of(model: nn.Module) -> str | None:
+    """The int8 GEMM kernel (`KERNELS` name) of a model quantized with "int8", else None."""
+    return next((m.kernel.name for m in model.modules() if isinstance(m, Int8Linear)), None)
 
 
 def _refuse_saving(module: nn.Module) -> None:
@@ -191,6 +197,39 @@ class IntMMKernel(_Kernel):
         return (torch._int_mm(xq, packed).float() * scale).to(dtype)
 
 
+class FbgemmKernel(_Kernel):
+    """fbgemm's int8 GEMM (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`): the fastest at one
+    row on this project's AMD CPU (0.6B layer weights at ~21 GB/s, where `_int_mm` reads ~11 and the
+    weight-only int8pack ~16; docs/benchmarks.md).
+
+    The op quantizes a float input itself with ONE scale and zero point for the whole tensor, which would
+    tie a row's rounding to the other rows of the batch. So it is handed the rows already quantized
+    (`quantize_rows`: each row its own scale), as floats holding those integers, with scale 1 and zero
+    point 128: its rounding of an integer is the integer, and u8 = xq + 128 is what it multiplies, with the
+    zero point's term subtracted exactly. Weight scales are applied afterwards, so the result is the same
+    (xq @ wq^T) * scale as `_int_mm`'s, and every row stays independent of the others.
+    """
+
+    name = "fbgemm"
+
+    def pack(self, wq):
+        n = wq.shape[0]
+        with warnings.catch_warnings():
+            # torch deprecates its quantized tensor types; while they exist, fbgemm's packing takes one. If
+            # a release removes them, `_exact` finds this kernel broken and the others are used.
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(wq, torch.ones(n, dtype=torch.double),
+                                                          torch.zeros(n, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qw, None)
+
+    def unpack(self, packed):
+        return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
+
+    def mm(self, xq, packed, scale, dtype):
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(xq.float(), 1.0, 128, packed)
+        return y.mul_(scale).to(dtype)
+
+
 _ZEROS: dict[int, torch.Tensor] = {}
 
 
@@ -201,7 +240,7 @@ def _zeros(n: int) -> torch.Tensor:
     return z
 
 
-KERNELS: dict[str, Callable[[], _Kernel]] = {"onednn": OneDNNKernel, "int_mm": IntMMKernel}
+KERNELS: dict[str, Callable[[], _Kernel]] = {"onednn": OneDNNKernel, "fbgemm": FbgemmKernel, "int_mm": IntMMKernel}
 _READY: dict[str, _Kernel | None] = {}  # kernel name -> its one instance, None where it is not exact here
 
 
@@ -224,10 +263,18 @@ def _exact(kernel: _Kernel) -> bool:
     return bool(torch.equal(got, want))
 
 
-def pick_kernel(name: str | None = None, shape: tuple[int, int] | None = None) -> _Kernel:
+DECODE_ROWS = (1, 16)  # the row counts `pick_kernel` times by default: a decode step alone and batched
+
+
+def pick_kernel(name: str | None = None, shape: tuple[int, int] | None = None,
+                rows: tuple[int, ...] = DECODE_ROWS) -> _Kernel:
     """The int8 GEMM to use: `name` if given; else, of the kernels that are exact here (checked once per
-    process), the fastest on a weight of `shape` ([out, in], measured once per shape and process), or the
-    first one (oneDNN, then `_int_mm`) without a shape."""
+    process), the fastest on a weight of `shape` ([out, in]) for inputs of `rows` rows (measured once per
+    shape, rows and process), or the first one (oneDNN, then fbgemm, then `_int_mm`) without a shape.
+
+    `rows` is the workload: kernels rank differently by row count (on this project's CPU fbgemm is 2x
+    `_int_mm`'s speed at one row and ~0.9x at 512), so a family that mostly prefills (Gen) asks for more.
+    Every exact kernel computes the same integers, so the choice only ever changes speed."""
     if name is not None and name not in KERNELS:
         raise InputError(f"unknown int8 kernel {name!r}: use one of {', '.join(KERNELS)}")
     for n in [name] if name else KERNELS:
@@ -240,47 +287,77 @@ def pick_kernel(name: str | None = None, shape: tuple[int, int] | None = None) -
         return _READY[name]
     exact = [k for k in _READY.values() if k is not None]
     if not exact:
-        raise InputError("no exact int8 GEMM kernel on this machine (torch build without oneDNN and _int_mm)")
+        raise InputError("no exact int8 GEMM kernel on this machine (torch build without oneDNN, fbgemm and "
+                         "_int_mm)")
     if shape is None or len(exact) == 1:
         return exact[0]
-    if shape not in _FASTEST:
-        _FASTEST[shape] = _fastest(exact, *shape)
-        log.info("int8 kernel for %s weights: %s", shape, _FASTEST[shape].name)
-    return _FASTEST[shape]
+    key = (tuple(shape), tuple(rows))
+    if key not in _FASTEST:
+        _FASTEST[key] = _fastest(exact, *shape, rows=rows)
+        log.info("int8 kernel for %s weights at %s rows: %s", shape, rows, _FASTEST[key].name)
+    return _FASTEST[key]
 
 
-_FASTEST: dict[tuple[int, int], _Kernel] = {}  # weight shape -> the measured fastest kernel
+_FASTEST: dict[tuple[tuple[int, int], tuple[int, ...]], _Kernel] = {}  # (shape, rows) -> the fastest kernel
 
 
-def _fastest(kernels: list[_Kernel], n: int, k: int) -> _Kernel:
-    """The kernel with the least time for one row plus 16 rows (a decode step, a batched step) on an
-    [n, k] weight. Measured, never assumed from the name: the same oneDNN build that runs 1 x 1024 x 6144
-    in ~30 us on an Intel CPU with VNNI took 130 ms (a reference path) on this project's AMD EPYC CPU,
-    which has VNNI too, while `_int_mm` took 0.5 ms there. A kernel 4x slower than the best at one row
-    is dropped before the 16-row probe, so a slow path costs well under a second here, once per shape."""
+def _fastest(kernels: list[_Kernel], n: int, k: int, rows: tuple[int, ...] = DECODE_ROWS) -> _Kernel:
+    """The kernel with the least total time over inputs of `rows` rows on an [n, k] weight. Measured,
+    never assumed from the name: the same oneDNN build that runs 1 x 1024 x 6144 in ~30 us on an Intel
+    CPU with VNNI took 130 ms (a reference path) on this project's AMD EPYC CPU, where fbgemm took 0.1 ms,
+    and packing that weight for oneDNN took 17 s. So every kernel is first timed at rows[0] on a slice
+    of PROBE_ROWS output channels, and one DROP times slower than the best there is dropped before the full
+    shape is packed; a slow path then costs well under a second, once per shape and process. The
+    kernels' runs interleave (one run of each in turn, best of ROUNDS), so a burst of load from another
+    process slows all of them alike instead of deciding the choice."""
     import time
 
     g = torch.Generator().manual_seed(0)
-    wq = torch.randint(-QMAX, QMAX + 1, (n, k), generator=g, dtype=torch.int8)
-    scale = torch.ones(n)
 
-    def t(kernel: _Kernel, packed: torch.Tensor, m: int) -> float:
-        xq = torch.randint(-QMAX, QMAX + 1, (m, k), generator=g, dtype=torch.int8)
-        kernel.mm(xq, packed, scale, torch.float32)  # warm-up: primitive creation, first-touch
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            kernel.mm(xq, packed, scale, torch.float32)
-            best = min(best, time.perf_counter() - t0)
+    def best_times(jobs: list[tuple[_Kernel, list[torch.Tensor], torch.Tensor, torch.Tensor]]) -> list[float]:
+        """jobs: (kernel, packed copies of a weight, scale, int8 input); the best of ROUNDS interleaved
+        runs of each, every run of a kernel on its next copy."""
+        for kern, packed, scale, xq in jobs:
+            for p in packed:
+                kern.mm(xq, p, scale, torch.float32)  # warm-up: primitive creation, first-touch
+        best = [float("inf")] * len(jobs)
+        turn: dict[int, int] = {}  # per list of copies: how many runs used it (the next run takes the next copy)
+        for _ in range(ROUNDS):
+            for i, (kern, packed, scale, xq) in enumerate(jobs):
+                n_run = turn[id(packed)] = turn.get(id(packed), -1) + 1
+                t0 = time.perf_counter()
+                kern.mm(xq, packed[n_run % len(packed)], scale, torch.float32)
+                best[i] = min(best[i], time.perf_counter() - t0)
         return best
 
-    packed = {id(kern): kern.pack(wq) for kern in kernels}
-    one = {id(kern): t(kern, packed[id(kern)], 1) for kern in kernels}
-    top = min(one.values())
-    alive = [kern for kern in kernels if one[id(kern)] <= 4 * top]
+    def rows_of(m: int) -> torch.Tensor:
+        return torch.randint(-QMAX, QMAX + 1, (m, k), generator=g, dtype=torch.int8)
+
+    small = torch.randint(-QMAX, QMAX + 1, (min(n, PROBE_ROWS), k), generator=g, dtype=torch.int8)
+    ones, x0 = torch.ones(small.shape[0]), rows_of(rows[0])
+    cost = best_times([(kern, [kern.pack(small)], ones, x0) for kern in kernels])
+    alive = [kern for kern, c in zip(kernels, cost) if c <= DROP * min(cost)]
     if len(alive) == 1:
         return alive[0]
-    return min(alive, key=lambda kern: one[id(kern)] + t(kern, packed[id(kern)], 16))
+    # In a model every projection's weight comes from memory, not from a cache that held it a moment ago:
+    # timed on one hot weight, fbgemm looked faster than `_int_mm` at 512 rows here, and was 1.15x slower
+    # on cold ones, as in a real prefill. So the runs cycle through copies that together outgrow the caches.
+    copies = min(16, -(-COLD_BYTES // (n * k)))
+    wqs = [torch.randint(-QMAX, QMAX + 1, (n, k), generator=g, dtype=torch.int8) for _ in range(copies)]
+    scale = torch.ones(n)
+    packed = [[kern.pack(w) for w in wqs] for kern in alive]
+    del wqs
+    inputs = [rows_of(m) for m in rows]
+    times = best_times([(kern, p, scale, x) for kern, p in zip(alive, packed) for x in inputs])
+    total = [sum(times[i * len(rows):(i + 1) * len(rows)]) for i in range(len(alive))]
+    return alive[total.index(min(total))]
+
+
+PROBE_ROWS = 128  # output channels of the first, cheap round of `_fastest`
+DROP = 10  # a kernel this many times slower than the best on that slice is not timed further (oneDNN's
+# reference path: 171x; a wider margin than real kernels differ by, so noise on a busy machine cannot drop one)
+ROUNDS = 5  # timed runs of each kernel and row count in `_fastest`
+COLD_BYTES = 64 << 20  # int8 weight copies `_fastest` cycles through: more than a server CPU's last-level cache
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -486,12 +563,15 @@ def _make(scheme: str, weight: torch.Tensor, bias: torch.Tensor | None, kernel: 
 
 
 @torch.no_grad()
-def quantize_model(model: InferenceFusion, scheme: str = "int8", kernel: str | None = None) -> InferenceFusion:
+def quantize_model(model: InferenceFusion, scheme: str = "int8", kernel: str | None = None,
+                   rows: tuple[int, ...] = DECODE_ROWS) -> InferenceFusion:
     """Quantize the decoder projections of a Stream or Gen model in place (see the module docstring).
 
     The model must be on the CPU; it is fused first if it is not. Everything else (embeddings, norms,
     attention, heads, lm_head) stays in the model's dtype. `kernel` forces an int8 GEMM for "int8"
-    ("onednn" or "int_mm"; default: the first that is exact on this CPU). Returns the model.
+    ("onednn", "fbgemm" or "int_mm"; default: the exact one measured fastest on this CPU for inputs of
+    `rows` rows, the model's workload: `DECODE_ROWS` for one-token steps, larger for prefill). Returns the
+    model.
     """
     scheme = check_quantize(scheme)
     if scheme is None:
@@ -506,7 +586,7 @@ def quantize_model(model: InferenceFusion, scheme: str = "int8", kernel: str | N
         raise InputError(f"{type(model).__name__} has no Qwen3 decoder to quantize")
     kern = None
     if scheme == "int8":  # one kernel for the whole model, measured on its largest projection (gate/up)
-        kern = pick_kernel(kernel, shape=tuple(backbones[0].layers[0].mlp.gate_up[0].shape))
+        kern = pick_kernel(kernel, shape=tuple(backbones[0].layers[0].mlp.gate_up[0].shape), rows=rows)
     if scheme == "int4-weight" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         raise InputError("quantize='int4-weight' needs torch's CPU int4 kernel (torch >= 2.6); use 'int8-weight'")
     for backbone in backbones:
