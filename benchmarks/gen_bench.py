@@ -43,7 +43,7 @@ from transformers import Qwen3ForCausalLM
 
 from qguard.engine.gen import GenEngine
 from qguard.families.gen import parse_answer
-from qguard.families.registry import family_for
+from qguard.families.registry import GenFamily
 from qguard.model.gen import GenGuardModel
 from qguard.model.quant import kernel_of, quantize_model
 from qguard.model.qwen3 import Qwen3Config
@@ -229,7 +229,7 @@ def variant(ours: GenGuardModel, name: str) -> GenGuardModel:
         return ours
     m = copy.deepcopy(ours)
     if scheme:  # the int8 kernel timed on the Gen family's workload, as the loader does
-        quantize_model(m, scheme, rows=family_for(gen_config("tiny")).quantize_rows)
+        quantize_model(m, scheme, rows=GenFamily.quantize_rows)
     return m.to(dtype)
 
 

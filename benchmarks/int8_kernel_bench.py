@@ -28,16 +28,16 @@ from _machine import cpu_name  # a sibling module: the scripts run from this fol
 from stream_bench import build_model
 
 from qguard.engine.kvcache import SlotCache, StepPlan
-from qguard.families.registry import family_for
+from qguard.families.registry import GenFamily
 from qguard.model import quant
-from qguard.testing import gen_config
 
 BASELINE = "int_mm"
 
 
 def exact_kernels(shape: tuple[int, int]) -> list[str]:
-    """The kernels that run exactly here, minus any 4x slower than the best at one row on `shape` (oneDNN's
-    reference path on some CPUs: seconds per step, which would only make this benchmark long)."""
+    """The kernels that run exactly here, minus any that `pick_kernel` would drop on `shape` (DROP times
+    slower than the best at one row: oneDNN's reference path on some CPUs, seconds per step, which would
+    only make this benchmark long)."""
     names = []
     for name in quant.KERNELS:
         try:
@@ -45,21 +45,11 @@ def exact_kernels(shape: tuple[int, int]) -> list[str]:
             names.append(name)
         except quant.InputError:
             print(f"# {name}: not available or not exact on this machine", file=sys.stderr)
-    kernels = [quant.pick_kernel(n) for n in names]
-    wq = torch.randint(-quant.QMAX, quant.QMAX + 1, (min(shape[0], quant.PROBE_ROWS), shape[1]), dtype=torch.int8)
-    xq = torch.randint(-quant.QMAX, quant.QMAX + 1, (1, shape[1]), dtype=torch.int8)
-    cost = {}
-    for k in kernels:
-        packed, ones = k.pack(wq), torch.ones(wq.shape[0])
-        k.mm(xq, packed, ones, torch.float32)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            k.mm(xq, packed, ones, torch.float32)
-        cost[k.name] = time.perf_counter() - t0
+    cost = dict(zip(names, quant.slice_times([quant.pick_kernel(n) for n in names], *shape)))
     best = min(cost.values())
-    for n in [n for n in names if cost[n] > 4 * best]:
+    for n in [n for n in names if cost[n] > quant.DROP * best]:
         print(f"# {n}: {cost[n] / best:.0f}x the fastest kernel at one row here: left out", file=sys.stderr)
-    return [n for n in names if cost[n] <= 4 * best]
+    return [n for n in names if cost[n] <= quant.DROP * best]
 
 
 class Runner:
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape = tuple(base.model.layers[0].mlp.gate_up[0].shape)
     names = exact_kernels(shape)
     picked = {"stream": quant.pick_kernel(shape=shape).name,
-              "gen": quant.pick_kernel(shape=shape, rows=family_for(gen_config("tiny")).quantize_rows).name}
+              "gen": quant.pick_kernel(shape=shape, rows=GenFamily.quantize_rows).name}
     models = {n: quant.quantize_model(copy.deepcopy(base), "int8", kernel=n) for n in names}
     del base
     runners = {n: Runner(m, max(args.rows), args.context) for n, m in models.items()}

@@ -301,54 +301,61 @@ def pick_kernel(name: str | None = None, shape: tuple[int, int] | None = None,
 _FASTEST: dict[tuple[tuple[int, int], tuple[int, ...]], _Kernel] = {}  # (shape, rows) -> the fastest kernel
 
 
+def _best_times(jobs: list[tuple[_Kernel, list[torch.Tensor], torch.Tensor, torch.Tensor]]) -> list[float]:
+    """jobs: (kernel, packed copies of a weight, scale, int8 input); the best of ROUNDS runs of each, the
+    jobs' runs interleaved (one run of each in turn), every run of a kernel on its next copy."""
+    import time
+
+    for kern, packed, scale, xq in jobs:
+        kern.mm(xq, packed[0], scale, torch.float32)  # warm-up: primitive creation (packing touched the pages)
+    best = [float("inf")] * len(jobs)
+    turn: dict[int, int] = {}  # per list of copies: runs so far (the warm-up used copy 0)
+    for _ in range(ROUNDS):
+        for i, (kern, packed, scale, xq) in enumerate(jobs):
+            n_run = turn[id(packed)] = turn.get(id(packed), 0) + 1
+            t0 = time.perf_counter()
+            kern.mm(xq, packed[n_run % len(packed)], scale, torch.float32)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def _int8(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    return torch.randint(-QMAX, QMAX + 1, shape, generator=g, dtype=torch.int8)
+
+
+def slice_times(kernels: list[_Kernel], n: int, k: int, m: int = 1) -> list[float]:
+    """Each kernel's best time for m rows on a slice of PROBE_ROWS output channels of an [n, k] weight:
+    cheap to pack for every kernel, and enough to expose a reference path (oneDNN's: 171x the fastest at
+    one row on this project's CPU; packing its full 6144 x 1024 weight took 17 s)."""
+    g = torch.Generator().manual_seed(0)
+    small = _int8((min(n, PROBE_ROWS), k), g)
+    ones, xq = torch.ones(small.shape[0]), _int8((m, k), g)
+    return _best_times([(kern, [kern.pack(small)], ones, xq) for kern in kernels])
+
+
 def _fastest(kernels: list[_Kernel], n: int, k: int, rows: tuple[int, ...] = DECODE_ROWS) -> _Kernel:
     """The kernel with the least total time over inputs of `rows` rows on an [n, k] weight. Measured,
     never assumed from the name: the same oneDNN build that runs 1 x 1024 x 6144 in ~30 us on an Intel
-    CPU with VNNI took 130 ms (a reference path) on this project's AMD EPYC CPU, where fbgemm took 0.1 ms,
-    and packing that weight for oneDNN took 17 s. So every kernel is first timed at rows[0] on a slice
-    of PROBE_ROWS output channels, and one DROP times slower than the best there is dropped before the full
-    shape is packed; a slow path then costs well under a second, once per shape and process. The
-    kernels' runs interleave (one run of each in turn, best of ROUNDS), so a burst of load from another
+    CPU with VNNI took 130 ms (a reference path) on this project's AMD EPYC CPU, where fbgemm took 0.1 ms.
+    So every kernel is first timed at rows[0] on a slice (`slice_times`), and one DROP times slower than
+    the best there is dropped before the full shape is packed; a slow path then costs well under a
+    second, once per shape and process. The kernels' runs interleave, so a burst of load from another
     process slows all of them alike instead of deciding the choice."""
-    import time
-
-    g = torch.Generator().manual_seed(0)
-
-    def best_times(jobs: list[tuple[_Kernel, list[torch.Tensor], torch.Tensor, torch.Tensor]]) -> list[float]:
-        """jobs: (kernel, packed copies of a weight, scale, int8 input); the best of ROUNDS interleaved
-        runs of each, every run of a kernel on its next copy."""
-        for kern, packed, scale, xq in jobs:
-            for p in packed:
-                kern.mm(xq, p, scale, torch.float32)  # warm-up: primitive creation, first-touch
-        best = [float("inf")] * len(jobs)
-        turn: dict[int, int] = {}  # per list of copies: how many runs used it (the next run takes the next copy)
-        for _ in range(ROUNDS):
-            for i, (kern, packed, scale, xq) in enumerate(jobs):
-                n_run = turn[id(packed)] = turn.get(id(packed), -1) + 1
-                t0 = time.perf_counter()
-                kern.mm(xq, packed[n_run % len(packed)], scale, torch.float32)
-                best[i] = min(best[i], time.perf_counter() - t0)
-        return best
-
-    def rows_of(m: int) -> torch.Tensor:
-        return torch.randint(-QMAX, QMAX + 1, (m, k), generator=g, dtype=torch.int8)
-
-    small = torch.randint(-QMAX, QMAX + 1, (min(n, PROBE_ROWS), k), generator=g, dtype=torch.int8)
-    ones, x0 = torch.ones(small.shape[0]), rows_of(rows[0])
-    cost = best_times([(kern, [kern.pack(small)], ones, x0) for kern in kernels])
+    cost = slice_times(kernels, n, k, rows[0])
     alive = [kern for kern, c in zip(kernels, cost) if c <= DROP * min(cost)]
     if len(alive) == 1:
         return alive[0]
     # In a model every projection's weight comes from memory, not from a cache that held it a moment ago:
     # timed on one hot weight, fbgemm looked faster than `_int_mm` at 512 rows here, and was 1.15x slower
     # on cold ones, as in a real prefill. So the runs cycle through copies that together outgrow the caches.
+    g = torch.Generator().manual_seed(1)
     copies = min(16, -(-COLD_BYTES // (n * k)))
-    wqs = [torch.randint(-QMAX, QMAX + 1, (n, k), generator=g, dtype=torch.int8) for _ in range(copies)]
+    wqs = [_int8((n, k), g) for _ in range(copies)]
     scale = torch.ones(n)
     packed = [[kern.pack(w) for w in wqs] for kern in alive]
     del wqs
-    inputs = [rows_of(m) for m in rows]
-    times = best_times([(kern, p, scale, x) for kern, p in zip(alive, packed) for x in inputs])
+    inputs = [_int8((m, k), g) for m in rows]
+    times = _best_times([(kern, p, scale, x) for kern, p in zip(alive, packed) for x in inputs])
     total = [sum(times[i * len(rows):(i + 1) * len(rows)]) for i in range(len(alive))]
     return alive[total.index(min(total))]
 

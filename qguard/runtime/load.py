@@ -19,7 +19,7 @@ import torch
 
 from qguard.errors import CheckpointError, InputError
 from qguard.families.registry import Family, family_for
-from qguard.model.quant import check_quantize, quantize_model
+from qguard.model.quant import DECODE_ROWS, check_quantize, quantize_model
 from qguard.runtime.calibration import Calibration, calibrate_loaded
 from qguard.tokenizer import load_tokenizer
 from qguard.weights import Checkpoint, open_checkpoint
@@ -62,8 +62,7 @@ def load(name_or_path: str | os.PathLike | None = None, *, device: str | torch.d
     if quant:
         # after fusing and calibration (both in the float weights); the int8 kernel is timed on the
         # family's workload (Gen prefills, Stream steps one token)
-        rows = getattr(family, "quantize_rows", None)
-        quantize_model(model, quant, **({"rows": rows} if rows else {}))
+        quantize_model(model, quant, rows=getattr(family, "quantize_rows", DECODE_ROWS))
     return Loaded(ckpt, family, model, labels, tokenizer, cal, dev)
 
 
